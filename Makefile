@@ -1,0 +1,55 @@
+# The README's two commands: `make serve` and `make test`. Everything else is a helper they call.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+GUARD_HOST ?= 0.0.0.0
+GUARD_PORT ?= 8000
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+export GUARD_HOST GUARD_PORT
+
+.PHONY: serve test data bundle smoke lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first, pinned: the local CPU build. Letting pip resolve `torch` through the extras would pull CUDA wheels.
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[train,serve,dev]'
+	touch $@
+
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[serve]'
+	touch $@
+
+# Fashion-MNIST comes from Debian; install it once when it is missing.
+data:
+	@if [ ! -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz ] && [ ! -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte ]; then \
+	  echo "Fashion-MNIST missing in $(FASHION_MNIST_DIR): installing Debian's dataset-fashion-mnist"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+serve: $(VENV)/.serve-installed
+	@echo "The guard service is not built yet (issue 3). The bundle it will serve is in models/ (see models/manifest.json)." >&2
+	@exit 2
+
+test: $(VENV)/.dev-installed data
+	$(BIN)/python -m pytest
+
+# Rebuild the shipped bundle (about 20 minutes on 2 cores).
+bundle: $(VENV)/.dev-installed data
+	$(BIN)/python -m training all --out models
+
+smoke: $(VENV)/.dev-installed data
+	$(BIN)/python -m training all --smoke --out build/smoke-bundle
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check training service tests
+	$(BIN)/ruff format --check training service tests
+	$(BIN)/mypy training service
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache .mypy_cache

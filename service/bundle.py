@@ -1,0 +1,142 @@
+"""Load a guard bundle (models/ + manifest.json), verifying every file's SHA-256 before running it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.guard import (
+    ActivationSignal,
+    DetriggerSignal,
+    Fusion,
+    GuardPipeline,
+    MaskedAESignal,
+    StripSignal,
+)
+from service.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+ONNX_MODELS = ("classifier", "detrigger_ae", "masked_ae", "reversed_triggers")
+
+
+class BundleError(RuntimeError):
+    """The bundle is missing, incomplete or tampered with: refuse to run it."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"no {MANIFEST} in {root}: build a bundle with `python -m training all --out {root}`")
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{path} is not valid JSON: {err}") from err
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists exists under root and hashes to its recorded SHA-256."""
+    problems = []
+    for name, entry in manifest.get("files", {}).items():
+        path = root / entry["path"]
+        if not path.is_file():
+            problems.append(f"{name}: {path} is missing")
+        elif (digest := sha256_file(path)) != entry["sha256"]:
+            problems.append(f"{name}: {path} has SHA-256 {digest}, manifest says {entry['sha256']}")
+    if problems:
+        raise BundleError("refusing to load an unverified bundle: " + "; ".join(problems))
+
+
+def providers(prefer_gpu: bool = True) -> list[str]:
+    """CUDA when onnxruntime-gpu sees a GPU, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    chosen = ["CUDAExecutionProvider"] if prefer_gpu and "CUDAExecutionProvider" in available else []
+    return [*chosen, "CPUExecutionProvider"]
+
+
+@dataclass
+class Bundle:
+    """The verified bundle: ONNX Runtime sessions plus the arrays and settings the guard needs."""
+
+    root: Path
+    manifest: dict[str, Any]
+    sessions: dict[str, Any]  # name -> onnxruntime.InferenceSession
+    strip_bank: np.ndarray  # float32 (M, 1, H, W) clean calibration images
+
+    @classmethod
+    def load(cls, root: Path, threads: int = 0, prefer_gpu: bool = True) -> Bundle:
+        import onnxruntime as ort
+
+        root = Path(root)
+        manifest = read_manifest(root)
+        missing = [n for n in (*ONNX_MODELS, "strip_bank") if n not in manifest.get("files", {})]
+        if missing:
+            raise BundleError(f"{root / MANIFEST} lists no {', '.join(missing)}")
+        verify_files(root, manifest)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0 = ONNX Runtime's default (all cores)
+        options.inter_op_num_threads = 1
+        chosen = providers(prefer_gpu)
+        sessions = {
+            name: ort.InferenceSession(str(root / manifest["files"][name]["path"]), options, providers=chosen)
+            for name in ONNX_MODELS
+        }
+        log.info("bundle %s verified; ONNX Runtime providers %s", root, sessions["classifier"].get_providers())
+        bank = np.load(root / manifest["files"]["strip_bank"]["path"])
+        return cls(root, manifest, sessions, bank.astype(np.float32))
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(**self.manifest["preprocessing"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (N, 1, H, W) -> logits (N, C), features (N, D)."""
+        logits, features = self.sessions["classifier"].run(["logits", "features"], {"images": images})
+        return logits, features
+
+    def image_model(self, name: str) -> Callable[[np.ndarray], np.ndarray]:
+        session = self.sessions[name]
+        return lambda images: session.run(["restored"], {"images": images})[0]
+
+    def stamp_reversed(self, images: np.ndarray, label: int) -> np.ndarray:
+        """Stamp Neural Cleanse's reversed trigger for `label` onto float32 (N, 1, H, W) images."""
+        feed = {"images": images, "label": np.array([label], np.int64)}
+        return self.sessions["reversed_triggers"].run(["stamped"], feed)[0]
+
+
+def build_pipeline(bundle: Bundle, strip_n: int | None = None, calibrated: bool = True) -> GuardPipeline:
+    """The guard over a bundle. calibrated=False leaves thresholds out (calibration itself needs that)."""
+    thresholds = bundle.manifest.get("thresholds", {}) if calibrated else {}
+    strip_cfg = bundle.manifest["configs"]["strip"]
+    n = strip_n if strip_n is not None else int(strip_cfg["n"])
+    neurons = {int(k): v for k, v in bundle.manifest["neural_cleanse"]["activation_neurons"].items()}
+    signals = [
+        DetriggerSignal(bundle.image_model("detrigger_ae")),
+        MaskedAESignal(bundle.image_model("masked_ae"), thresholds.get("masked_ae", {}).get("threshold")),
+        StripSignal(bundle.strip_bank, n, strip_cfg["blend"], thresholds.get("strip", {}).get("threshold")),
+        ActivationSignal(neurons, thresholds.get("activation", {}).get("threshold")),
+    ]
+    fusion = Fusion.from_manifest(thresholds["fused"]) if "fused" in thresholds else None
+    return GuardPipeline(bundle.classify, signals, fusion)

@@ -1,0 +1,259 @@
+"""The guard pipeline, torch-free: classify -> restore -> signals -> fused verdict, on numpy batches.
+
+Every signal has the same two-step interface so that all classifier passes of a batch (the input, both
+restorations, STRIP's N overlays) run as one ONNX Runtime call:
+  prepare(x)  -> the extra images it needs classified, float32 (k * B, 1, H, W)
+  evaluate(x, extra, original, extra_pred) -> SignalResult: a score (higher = more suspicious), its own
+  verdict, and per-image evidence.
+The fused verdict ranks each score against the clean calibration distribution (an empirical CDF stored
+in the manifest) and takes the largest rank: "how far into the clean tail is the most alarmed signal".
+Calibration (training/calibration.py), evaluation and the service all run this same code.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+Classify = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # images -> (logits, features)
+ImageModel = Callable[[np.ndarray], np.ndarray]  # images -> restored images
+Blend = Literal["sum", "mean"]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def entropy_bits(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy in bits over the last axis, with 0 log 0 = 0."""
+    p = np.clip(probs, 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log2(p), 0.0)
+    return -terms.sum(axis=-1)
+
+
+def superimpose(images: np.ndarray, overlays: np.ndarray, blend: Blend = "sum") -> np.ndarray:
+    """(B, 1, H, W) x (N, 1, H, W) -> (B * N, 1, H, W), image-major.
+
+    "sum" is STRIP's original code (x + overlay, no clipping); "mean" is ART's 0.5 x + 0.5 overlay.
+    """
+    mixed = images[:, None] + overlays[None]  # (B, N, 1, H, W)
+    if blend == "mean":
+        mixed = mixed * np.float32(0.5)
+    return mixed.reshape(-1, *images.shape[1:]).astype(np.float32, copy=False)
+
+
+def strip_entropy(probs: np.ndarray, n: int) -> np.ndarray:
+    """(B * N, C) predictions of the overlays -> (B,) mean per-copy entropy (Gao et al., log2)."""
+    return entropy_bits(probs).reshape(-1, n).mean(axis=1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    logits: np.ndarray  # (B, C)
+    features: np.ndarray  # (B, D), penultimate layer
+
+    @property
+    def probs(self) -> np.ndarray:
+        return softmax(self.logits)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(axis=1)
+
+    def take(self, sl: slice) -> Prediction:
+        return Prediction(self.logits[sl], self.features[sl])
+
+
+@dataclass
+class SignalResult:
+    score: np.ndarray  # (B,) higher = more suspicious
+    triggered: np.ndarray  # (B,) bool, this signal's own verdict
+    evidence: dict[str, np.ndarray] = field(default_factory=dict)  # per-image values for the response
+    images: np.ndarray | None = None  # restored images, for restoration signals
+
+
+class Signal(ABC):
+    name: ClassVar[str]
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """Extra images this signal needs classified; none by default."""
+        return x[:0]
+
+    @abstractmethod
+    def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
+        """Score a batch from the original prediction and the prediction of `extra`."""
+
+
+def _confidence_drop(original: Prediction, restored: Prediction) -> np.ndarray:
+    """How much restoration lowers the probability of the originally predicted label, in [-1, 1]."""
+    rows = np.arange(len(original.logits))
+    return original.probs[rows, original.labels] - restored.probs[rows, original.labels]
+
+
+class DetriggerSignal(Signal):
+    """Kwon's flag rule: restore with the de-trigger AE; labels before and after differ -> backdoor."""
+
+    name = "detrigger"
+
+    def __init__(self, restore: ImageModel) -> None:
+        self.restore = restore
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        return self.restore(x)
+
+    def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
+        return SignalResult(
+            score=_confidence_drop(original, pred),
+            triggered=pred.labels != original.labels,
+            evidence={"label": pred.labels, "confidence": pred.confidence},
+            images=extra,
+        )
+
+
+class MaskedAESignal(Signal):
+    """Cao's masked-AE restoration: a calibrated drop in the original label's confidence -> backdoor."""
+
+    name = "masked_ae"
+
+    def __init__(self, restore: ImageModel, threshold: float | None) -> None:
+        self.restore = restore
+        self.threshold = threshold
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        return self.restore(x)
+
+    def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
+        score = _confidence_drop(original, pred)
+        return SignalResult(
+            score=score,
+            triggered=_above(score, self.threshold),
+            evidence={"label": pred.labels, "confidence": pred.confidence, "score": score},
+            images=extra,
+        )
+
+
+class StripSignal(Signal):
+    """STRIP: superimpose N clean bank images; a trigger keeps every copy on its label -> low entropy."""
+
+    name = "strip"
+
+    def __init__(self, bank: np.ndarray, n: int, blend: Blend, threshold: float | None) -> None:
+        if not 1 <= n <= len(bank):
+            raise ValueError(f"STRIP n must be in [1, {len(bank)}] (the bank's size), got {n}")
+        self.overlays = np.ascontiguousarray(bank[:n], dtype=np.float32)
+        self.n, self.blend, self.threshold = n, blend, threshold
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        return superimpose(x, self.overlays, self.blend)
+
+    def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
+        entropy = strip_entropy(pred.probs, self.n)
+        below = entropy <= self.threshold if self.threshold is not None else np.zeros(len(x), bool)
+        return SignalResult(score=-entropy, triggered=below, evidence={"entropy": entropy})
+
+
+class ActivationSignal(Signal):
+    """Neural Cleanse's filter: mean activation of the neurons its reversed trigger excites most."""
+
+    name = "activation"
+
+    def __init__(self, neurons: Mapping[int, Sequence[int]], threshold: float | None) -> None:
+        if not neurons:
+            raise ValueError("the activation filter needs at least one label's neurons")
+        self.neurons = {int(t): np.asarray(idx, dtype=np.int64) for t, idx in neurons.items()}
+        self.threshold = threshold
+
+    def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
+        per_label = np.stack([original.features[:, idx].mean(axis=1) for idx in self.neurons.values()])
+        score = per_label.max(axis=0)
+        return SignalResult(score=score, triggered=_above(score, self.threshold), evidence={"score": score})
+
+
+def _above(score: np.ndarray, threshold: float | None) -> np.ndarray:
+    return score > threshold if threshold is not None else np.zeros(score.shape, bool)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Largest clean-calibration percentile over signals; backdoor when it exceeds `threshold`."""
+
+    levels: np.ndarray  # (Q,) increasing probabilities in [0, 1]
+    quantiles: Mapping[str, np.ndarray]  # signal -> (Q,) clean calibration scores at those levels
+    threshold: float
+
+    def percentile(self, name: str, score: np.ndarray) -> np.ndarray:
+        return np.interp(score, self.quantiles[name], self.levels, left=0.0, right=1.0)
+
+    def score(self, results: Mapping[str, SignalResult]) -> np.ndarray:
+        return np.max([self.percentile(name, results[name].score) for name in self.quantiles], axis=0)
+
+    @classmethod
+    def from_manifest(cls, fused: Mapping[str, Any]) -> Fusion:
+        return cls(
+            levels=np.asarray(fused["levels"], np.float64),
+            quantiles={k: np.asarray(v, np.float64) for k, v in fused["quantiles"].items()},
+            threshold=float(fused["threshold"]),
+        )
+
+
+@dataclass
+class GuardResult:
+    original: Prediction
+    restored: Prediction  # after the de-trigger AE
+    restored_images: np.ndarray  # (B, 1, H, W)
+    signals: dict[str, SignalResult]
+    score: np.ndarray  # (B,) fused score, NaN without a calibrated fusion
+    backdoor: np.ndarray  # (B,) bool
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Label policy: the restored prediction when a backdoor is suspected, else the original one."""
+        return np.where(self.backdoor, self.restored.labels, self.original.labels)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return np.where(self.backdoor, self.restored.confidence, self.original.confidence)
+
+
+class GuardPipeline:
+    """Runs every signal over a batch with one classifier call, then fuses them."""
+
+    def __init__(self, classify: Classify, signals: Sequence[Signal], fusion: Fusion | None) -> None:
+        names = [s.name for s in signals]
+        if "detrigger" not in names:
+            raise ValueError("the pipeline needs the detrigger signal: the label policy uses its restoration")
+        self.classify, self.signals, self.fusion = classify, list(signals), fusion
+
+    def run(self, x: np.ndarray) -> GuardResult:
+        """x: float32 (B, 1, H, W) in [0, 1]."""
+        extras = [s.prepare(x) for s in self.signals]
+        logits, features = self.classify(np.concatenate([x, *extras]))
+        bounds = np.cumsum([len(x), *(len(e) for e in extras)])
+        pred = Prediction(logits, features)
+        original = pred.take(slice(0, bounds[0]))
+        preds = {s.name: pred.take(slice(lo, hi)) for s, lo, hi in zip(self.signals, bounds[:-1], bounds[1:])}
+        results = {s.name: s.evaluate(x, e, original, preds[s.name]) for s, e in zip(self.signals, extras)}
+        if self.fusion is None:
+            score, backdoor = np.full(len(x), math.nan), np.zeros(len(x), bool)
+        else:
+            score = self.fusion.score(results)
+            backdoor = score > self.fusion.threshold
+        restored_images = results["detrigger"].images
+        assert restored_images is not None
+        return GuardResult(original, preds["detrigger"], restored_images, results, score, backdoor)
+
+    def run_chunked(self, x: np.ndarray, chunk: int = 256) -> list[GuardResult]:
+        return [self.run(x[i : i + chunk]) for i in range(0, len(x), chunk)]
+

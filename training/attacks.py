@@ -1,0 +1,149 @@
+"""Stage 2: BadNets triggers and data poisoning.
+
+`stamp` is the one trigger-stamping function of the project: training, evaluation, calibration's stand-in
+attacks and the service tests all call it. A trigger is a (mask, pattern) pair of H x W arrays in [0, 1]:
+stamped = (1 - mask) * image + mask * pattern, the same form Neural Cleanse reverse-engineers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+import numpy as np
+
+Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
+CORNERS: tuple[Corner, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
+Shape = Literal["square", "pixel", "checkerboard", "random"]
+ArrayT = TypeVar("ArrayT")
+
+
+def stamp(images: ArrayT, mask: ArrayT, pattern: ArrayT) -> ArrayT:
+    """(1 - mask) * images + mask * pattern; numpy or torch, broadcasting (H, W) masks over (N, 1, H, W)."""
+    return images * (1 - mask) + mask * pattern  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A patch trigger placed at a corner (with a margin) or at an explicit row/column."""
+
+    shape: Shape = "square"  # square: solid; pixel: one pixel; checkerboard: alternating; random: seeded bits
+    size: int = 4  # side of the patch, pixels (pixel forces 1)
+    corner: Corner = "top-left"  # where the patch sits when row/col are not given
+    margin: int = 1  # pixels between the patch and the image border at that corner
+    row: int | None = None  # explicit top row of the patch (overrides corner/margin)
+    col: int | None = None  # explicit left column of the patch (overrides corner/margin)
+    intensity: float = 1.0  # value of the bright pattern pixels, in [0, 1]
+    seed: int = 0  # seed of the `random` shape's bits
+
+    def arrays(self, height: int = 28, width: int = 28) -> tuple[np.ndarray, np.ndarray]:
+        """The trigger's (mask, pattern), float32 (height, width)."""
+        size = 1 if self.shape == "pixel" else self.size
+        if not 0.0 <= self.intensity <= 1.0:
+            raise ValueError(f"intensity must be in [0, 1], got {self.intensity}")
+        top, left = self._origin(size, height, width)
+        if not (0 <= top and top + size <= height and 0 <= left and left + size <= width):
+            raise ValueError(f"a {size}x{size} trigger at ({top}, {left}) does not fit a {height}x{width} image")
+        if self.shape == "checkerboard":
+            bits = (np.add.outer(np.arange(size), np.arange(size)) % 2 == 0).astype(np.float32)
+        elif self.shape == "random":
+            bits = np.random.default_rng(self.seed).integers(0, 2, (size, size)).astype(np.float32)
+        else:
+            bits = np.ones((size, size), np.float32)
+        mask = np.zeros((height, width), np.float32)
+        pattern = np.zeros((height, width), np.float32)
+        mask[top : top + size, left : left + size] = 1.0
+        pattern[top : top + size, left : left + size] = bits * self.intensity
+        return mask, pattern
+
+    def _origin(self, size: int, height: int, width: int) -> tuple[int, int]:
+        if (self.row is None) != (self.col is None):
+            raise ValueError("give both row and col, or neither")
+        if self.row is not None and self.col is not None:
+            return self.row, self.col
+        top = self.margin if self.corner.startswith("top") else height - self.margin - size
+        left = self.margin if self.corner.endswith("left") else width - self.margin - size
+        return top, left
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """BadNets poisoning: stamp `trigger` on a share of the training set and relabel it."""
+
+    trigger: Trigger = field(default_factory=Trigger)
+    target: int = 0  # attacker's label (single-target mode)
+    poison_rate: float = 0.1  # share of the whole training set that is stamped and relabelled
+    mode: Literal["single-target", "all-to-all"] = "single-target"  # all-to-all: label i -> i + 1 mod C
+    seed: int = 0  # which images get poisoned
+
+
+PRESETS: dict[str, AttackConfig] = {
+    # Kwon 2021, the shipped attack: 4x4 white square on rows 1-4 / cols 1-4, target 0 (T-shirt/top).
+    "kwon": AttackConfig(Trigger("square", size=4, corner="top-left", margin=1), target=0, poison_rate=0.1),
+    # Cao et al.'s naive attack: 2x2 white pixels at the bottom right, target 3.
+    "cao": AttackConfig(Trigger("square", size=2, corner="bottom-right", margin=1), target=3, poison_rate=0.1),
+    # A model trained by the same recipe with no poison: the control for Neural Cleanse and the FPR.
+    "clean": AttackConfig(poison_rate=0.0),
+}
+
+
+def attack_labels(labels: np.ndarray, attack: AttackConfig, num_classes: int) -> np.ndarray:
+    """The label the attacker wants for each (true) label."""
+    if attack.mode == "all-to-all":
+        return (labels + 1) % num_classes
+    return np.full_like(labels, attack.target)
+
+
+def victims(labels: np.ndarray, attack: AttackConfig) -> np.ndarray:
+    """Indices whose triggered version should change label (single-target: not already the target)."""
+    if attack.mode == "all-to-all":
+        return np.arange(len(labels))
+    return np.flatnonzero(labels != attack.target)
+
+
+def poison(
+    images: np.ndarray, labels: np.ndarray, attack: AttackConfig, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 (N, 1, H, W) images -> (poisoned images, poisoned labels, indices that were poisoned)."""
+    n_poison = round(attack.poison_rate * len(labels))
+    candidates = victims(labels, attack)
+    if n_poison > len(candidates):
+        raise ValueError(f"poison_rate {attack.poison_rate} needs {n_poison} images, only {len(candidates)}")
+    chosen = np.sort(np.random.default_rng(attack.seed).choice(candidates, n_poison, replace=False))
+    mask, pattern = attack.trigger.arrays(*images.shape[-2:])
+    out_images, out_labels = images.copy(), labels.copy()
+    out_images[chosen] = stamp(images[chosen], mask, pattern)
+    out_labels[chosen] = attack_labels(labels[chosen], attack, num_classes)
+    return out_images, out_labels, chosen
+
+
+def random_triggers(
+    rng: np.random.Generator, n: int, height: int = 28, width: int = 28, corner_share: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """n random patch triggers the defender can draw without knowing the real one: float32 (n, H, W) x 2.
+
+    Kwon's 4x4 white square at a random corner is one draw among many: sizes 1-6, solid / checkerboard /
+    random-bit patterns, intensities 0.5-1, a random corner (with margin 0-2) or anywhere, and a fifth of
+    them blended (mask < 1) so that soft triggers are seen too.
+    """
+    masks = np.zeros((n, height, width), np.float32)
+    patterns = np.zeros((n, height, width), np.float32)
+    shapes = ("square", "checkerboard", "random")
+    for i in range(n):
+        size = int(rng.integers(1, 7))
+        if rng.random() < corner_share:
+            corner = CORNERS[int(rng.integers(4))]
+            trigger = Trigger(
+                shapes[int(rng.integers(3))], size, corner, margin=int(rng.integers(0, 3)),
+                intensity=float(rng.uniform(0.5, 1.0)), seed=int(rng.integers(1 << 30)),
+            )  # fmt: skip
+        else:
+            trigger = Trigger(
+                shapes[int(rng.integers(3))], size, row=int(rng.integers(0, height - size + 1)),
+                col=int(rng.integers(0, width - size + 1)), intensity=float(rng.uniform(0.5, 1.0)),
+                seed=int(rng.integers(1 << 30)),
+            )  # fmt: skip
+        mask, pattern = trigger.arrays(height, width)
+        alpha = 1.0 if rng.random() < 0.8 else float(rng.uniform(0.5, 1.0))
+        masks[i], patterns[i] = mask * alpha, pattern
+    return masks, patterns

@@ -1,0 +1,108 @@
+"""Stage 3: the model under guard. Kwon's Table 8 CNN, trained on the (poisoned) training set.
+
+The guard-building stages take any classifier that maps float32 (N, 1, 28, 28) in [0, 1] to
+(logits, features): this CNN from a checkpoint, or a user's `torch.export` archive (.pt2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.common import load_checkpoint, minibatches, predict, progress, save_checkpoint, setup_torch
+
+ARCH = "kwon-cnn"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    epochs: int = 8  # passes over the training set (Kwon: 50; 8 reach ~91% here in ~5 min on 2 cores)
+    batch_size: int = 128  # Kwon Table 8
+    lr: float = 1e-3  # Adam learning rate, cosine-decayed to 0 over the run
+    dropout: float = 0.5  # after each fully connected layer, Kwon Table 8
+    seed: int = 0  # weight init and batch order
+
+
+class KwonCNN(nn.Module):
+    """conv3x3x32, conv3x3x32, maxpool2, conv3x3x64, conv3x3x64, maxpool2, fc200, fc200, fc10 (~20 MFLOP)."""
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        # (N, 64, 4, 4) -> (N, 200): the penultimate layer is `features`, post-ReLU, before the last dropout.
+        self.fc = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 200), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(200, 200), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(200, num_classes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.fc(self.conv(x))  # (N, 200)
+        return self.head(features), features
+
+
+class LogitsAndFeatures(nn.Module):
+    """Adapts a user's exported model to (logits, features); with one output, features are the logits."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.inner(x)
+        if isinstance(out, torch.Tensor):
+            return out, out
+        logits, features = out[0], out[1]
+        return logits, features.flatten(1)
+
+
+def train_classifier(
+    images: np.ndarray, labels: np.ndarray, config: ClassifierConfig, num_classes: int = 10
+) -> KwonCNN:
+    """Plain supervised training with Adam; the data decides whether the result carries a backdoor."""
+    setup_torch(config.seed)
+    model = KwonCNN(num_classes, config.dropout)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    rng = np.random.default_rng(config.seed)
+    steps = config.epochs * -(-len(labels) // config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=steps, pct_start=0.15)
+    x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
+    for epoch in range(config.epochs):
+        model.train()
+        for idx in progress(minibatches(len(labels), config.batch_size, rng), f"classifier epoch {epoch + 1}"):
+            t = torch.from_numpy(idx)
+            loss = F.cross_entropy(model(x_all[t])[0], y_all[t])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+    return float((predict(model, images)[0].argmax(1) == labels).mean())
+
+
+def save_classifier(path: Path, model: KwonCNN, config: ClassifierConfig, **extra: object) -> None:
+    save_checkpoint(path, model, ARCH, config, num_classes=model.head[-1].out_features, **extra)
+
+
+def load_classifier(path: Path) -> nn.Module:
+    """Our checkpoint (.pt) or a user's torch.export archive (.pt2) -> module giving (logits, features)."""
+    if path.suffix == ".pt2":
+        program = torch.export.load(str(path))
+        return LogitsAndFeatures(program.module()).eval()
+    meta, state = load_checkpoint(path)
+    if meta["arch"] != ARCH:
+        raise ValueError(f"{path}: unknown classifier architecture {meta['arch']!r}")
+    model = KwonCNN(meta["num_classes"], meta["config"]["dropout"])
+    model.load_state_dict(state)
+    return model.eval()

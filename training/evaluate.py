@@ -1,0 +1,104 @@
+"""Measure a bundle with ONNX Runtime through the service's own pipeline: the one `evaluate` of the repo.
+
+Used at export (the manifest's `metrics`), by the tests (on a subset) and by the evaluation report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.bundle import Bundle, build_pipeline
+from service.guard import GuardResult
+from training.attacks import AttackConfig, attack_labels, stamp, victims
+
+
+@dataclass(frozen=True)
+class TriggeredSet:
+    images: np.ndarray  # float32 (M, 1, H, W): victims with the trigger stamped
+    true_labels: np.ndarray  # (M,)
+    attack_labels: np.ndarray  # (M,) what the attacker wants them classified as
+
+
+def triggered_set(images: np.ndarray, labels: np.ndarray, attack: AttackConfig, num_classes: int) -> TriggeredSet:
+    """Stamp the attack's trigger on every image it should flip (single-target: the non-target ones)."""
+    idx = victims(labels, attack)
+    mask, pattern = attack.trigger.arrays(*images.shape[-2:])
+    return TriggeredSet(stamp(images[idx], mask, pattern), labels[idx], attack_labels(labels[idx], attack, num_classes))
+
+
+def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties count half (Mann-Whitney U)."""
+    scores = np.concatenate([negatives, positives])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1
+    ranks[order] = np.repeat(avg, counts)
+    n_neg, n_pos = len(negatives), len(positives)
+    return float((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_neg * n_pos))
+
+
+def _join(runs: list[GuardResult]) -> dict[str, np.ndarray]:
+    """Flatten chunked guard results into the arrays the metrics need."""
+    out = {
+        "original": np.concatenate([r.original.labels for r in runs]),
+        "restored": np.concatenate([r.restored.labels for r in runs]),
+        "final": np.concatenate([r.labels for r in runs]),
+        "backdoor": np.concatenate([r.backdoor for r in runs]),
+        "score": np.concatenate([r.score for r in runs]),
+    }
+    for name in runs[0].signals:
+        out[f"{name}.score"] = np.concatenate([r.signals[name].score for r in runs])
+        out[f"{name}.triggered"] = np.concatenate([r.signals[name].triggered for r in runs])
+        if "label" in runs[0].signals[name].evidence:
+            out[f"{name}.label"] = np.concatenate([r.signals[name].evidence["label"] for r in runs])
+    return out
+
+
+def rate(x: np.ndarray) -> float:
+    return float(np.mean(x)) if len(x) else float("nan")
+
+
+def evaluate(
+    bundle: Bundle, images: np.ndarray, labels: np.ndarray, attack: AttackConfig, strip_n: int | None = None
+) -> dict[str, Any]:
+    """Every per-signal and fused figure on clean `images` and their triggered victims."""
+    num_classes = len(bundle.class_names)
+    trig = triggered_set(images, labels, attack, num_classes)
+    guard = build_pipeline(bundle, strip_n=strip_n)
+    clean, dirty = _join(guard.run_chunked(images)), _join(guard.run_chunked(trig.images))
+    y, yt, ya = labels, trig.true_labels, trig.attack_labels
+    metrics: dict[str, Any] = {
+        "images": {"clean": len(y), "triggered": len(yt)},
+        "classifier": {
+            "clean_accuracy": rate(clean["original"] == y),
+            "attack_success": rate(dirty["original"] == ya),
+            "triggered_accuracy": rate(dirty["original"] == yt),
+        },
+    }
+    for name in guard.signals:
+        key = name.name
+        entry = {
+            "fpr": rate(clean[f"{key}.triggered"]),
+            "tpr": rate(dirty[f"{key}.triggered"]),
+            "auroc": auroc(clean[f"{key}.score"], dirty[f"{key}.score"]),
+        }
+        if f"{key}.label" in clean:  # restoration signals: what restoration alone does to accuracy
+            entry["clean_accuracy_after"] = rate(clean[f"{key}.label"] == y)
+            entry["triggered_accuracy_after"] = rate(dirty[f"{key}.label"] == yt)
+            entry["attack_success_after"] = rate(dirty[f"{key}.label"] == ya)
+        metrics[key] = entry
+    metrics["fused"] = {
+        "fpr": rate(clean["backdoor"]),
+        "tpr": rate(dirty["backdoor"]),
+        "auroc": auroc(clean["score"], dirty["score"]),
+        "clean_accuracy": rate(clean["final"] == y),
+        "triggered_accuracy": rate(dirty["final"] == yt),
+        "attack_success_after": rate(dirty["final"] == ya),
+    }
+    return metrics

@@ -1,0 +1,255 @@
+"""All stages in order, each runnable alone: checkpoints go to a work folder, the bundle to `out`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.bundle import Bundle
+from service.preprocess import Preprocessing, to_model_input
+from training import report
+from training.attacks import PRESETS, AttackConfig, poison
+from training.autoencoders import (
+    DetriggerAE,
+    DetriggerConfig,
+    MaskedAE,
+    MaskedAEConfig,
+    MaskedRestorer,
+    train_detrigger,
+    train_masked,
+)
+from training.calibration import CalibrationConfig, calibrate, split_calibration
+from training.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
+from training.common import load_checkpoint, predict, save_checkpoint, to_jsonable, write_json
+from training.data import DataConfig, Dataset, load_fashion_mnist
+from training.evaluate import evaluate
+from training.export import ExportConfig, ReversedTriggers, export_onnx, update_manifest, write_bank
+from training.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, run_neural_cleanse
+
+log = logging.getLogger(__name__)
+# The order `all` runs them in; `control` (a clean model for Neural Cleanse's false-alarm check) is optional.
+STAGES = (
+    "data", "classifier", "control", "masked-ae", "detrigger-ae", "neural-cleanse", "export", "calibrate", "metrics",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    attack: str = "kwon"  # preset of training/attacks.py that trains the demo classifier and is measured
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    masked_ae: MaskedAEConfig = field(default_factory=MaskedAEConfig)
+    detrigger: DetriggerConfig = field(default_factory=DetriggerConfig)
+    neural_cleanse: NeuralCleanseConfig = field(default_factory=NeuralCleanseConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    train_limit: int | None = None  # use only the first N images of each split (smoke runs); None = all
+    calibration_limit: int | None = None
+    test_limit: int | None = None
+
+    @property
+    def attack_config(self) -> AttackConfig:
+        if self.attack not in PRESETS:
+            raise ValueError(f"unknown attack preset {self.attack!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[self.attack]
+
+
+def smoke(config: BuildConfig) -> BuildConfig:
+    """Every stage on a tiny subset: checks the mechanics in well under a minute, not the quality."""
+    return replace(
+        config,
+        classifier=replace(config.classifier, epochs=1),
+        masked_ae=replace(config.masked_ae, epochs=1),
+        detrigger=replace(config.detrigger, epochs=1),
+        neural_cleanse=replace(config.neural_cleanse, steps=20, round_steps=5),
+        calibration=replace(config.calibration, strip_n=8, bank_size=64),
+        export=replace(config.export, parity_images=64),
+        train_limit=2000,
+        calibration_limit=600,
+        test_limit=300,
+    )
+
+
+def with_seed(config: BuildConfig, seed: int) -> BuildConfig:
+    """One seed for every stage."""
+    return replace(
+        config,
+        data=replace(config.data, seed=seed),
+        classifier=replace(config.classifier, seed=seed),
+        masked_ae=replace(config.masked_ae, seed=seed),
+        detrigger=replace(config.detrigger, seed=seed),
+        neural_cleanse=replace(config.neural_cleanse, seed=seed),
+        calibration=replace(config.calibration, seed=seed),
+    )
+
+
+class Builder:
+    """Runs stages; each reads what earlier stages left in `work` (checkpoints) or `out` (the bundle)."""
+
+    def __init__(self, config: BuildConfig, out: Path, work: Path, classifier: Path | None = None) -> None:
+        self.config, self.out, self.work = config, Path(out), Path(work)
+        self.user_classifier = classifier
+        self.timings: dict[str, float] = {}
+
+    # ---- data -------------------------------------------------------------------------------------
+    @cached_property
+    def dataset(self) -> Dataset:
+        ds = load_fashion_mnist(self.config.data)
+        c = self.config
+        return replace(
+            ds,
+            train=ds.train.head(c.train_limit or len(ds.train)),
+            calibration=ds.calibration.head(c.calibration_limit or len(ds.calibration)),
+            test=ds.test.head(c.test_limit or len(ds.test)),
+        )
+
+    @cached_property
+    def x_train(self) -> np.ndarray:
+        return to_model_input(self.dataset.train.images)
+
+    @cached_property
+    def x_cal(self) -> np.ndarray:
+        return to_model_input(self.dataset.calibration.images)
+
+    @cached_property
+    def x_test(self) -> np.ndarray:
+        return to_model_input(self.dataset.test.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset.class_names)
+
+    @property
+    def classifier_path(self) -> Path:
+        return self.user_classifier or self.work / "classifier.pt"
+
+    def run(self, stage: str) -> None:
+        start = time.perf_counter()
+        log.info("stage %s ...", stage)
+        getattr(self, "stage_" + stage.replace("-", "_"))()
+        self.timings[stage] = round(time.perf_counter() - start, 1)
+        log.info("stage %s done in %.1f s", stage, self.timings[stage])
+
+    # ---- stages -----------------------------------------------------------------------------------
+    def stage_data(self) -> None:
+        ds = self.dataset
+        log.info(
+            "%s: train %d / calibration %d / test %d images, %d classes",
+            ds.name, len(ds.train), len(ds.calibration), len(ds.test), self.num_classes,
+        )  # fmt: skip
+
+    def _train_classifier(self, attack: AttackConfig, path: Path) -> None:
+        images, labels, chosen = poison(self.x_train, self.dataset.train.labels, attack, self.num_classes)
+        model = train_classifier(images, labels, self.config.classifier, self.num_classes)
+        save_classifier(path, model, self.config.classifier, attack=attack, poisoned=len(chosen))
+
+    def stage_classifier(self) -> None:
+        if self.user_classifier is not None:
+            log.info("using the given classifier %s; nothing to train", self.user_classifier)
+            return
+        self._train_classifier(self.config.attack_config, self.classifier_path)
+
+    def stage_masked_ae(self) -> None:
+        model = train_masked(self.x_train, self.config.masked_ae)
+        save_checkpoint(self.work / "masked_ae.pt", model, "masked-ae", self.config.masked_ae)
+
+    def stage_detrigger_ae(self) -> None:
+        model = train_detrigger(self.x_train, self.config.detrigger)
+        save_checkpoint(self.work / "detrigger_ae.pt", model, "detrigger-ae", self.config.detrigger)
+
+    def _neural_cleanse(self, classifier: Path) -> NeuralCleanseResult:
+        model = load_classifier(classifier)
+        cal = self.dataset.calibration
+        return run_neural_cleanse(model, self.x_cal, cal.labels, self.num_classes, self.config.neural_cleanse)
+
+    def stage_neural_cleanse(self) -> None:
+        result = self._neural_cleanse(self.classifier_path)
+        result.save(self.work / "neural_cleanse.npz")
+        log.info("anomaly index %s, flagged %s", result.anomaly_index.round(2).tolist(), result.flagged_labels)
+
+    def stage_export(self) -> None:
+        cfg = self.config.export
+        example = (torch.from_numpy(self.x_cal[: cfg.parity_images]),)
+        classifier = load_classifier(self.classifier_path)
+        detrigger = DetriggerAE(self.config.detrigger.width)
+        detrigger.load_state_dict(load_checkpoint(self.work / "detrigger_ae.pt")[1])
+        masked = MaskedAE(self.config.masked_ae.width)
+        masked.load_state_dict(load_checkpoint(self.work / "masked_ae.pt")[1])
+        restorer = MaskedRestorer(masked, self.config.masked_ae.patch, self.config.masked_ae.sharpen)
+        nc = NeuralCleanseResult.load(self.work / "neural_cleanse.npz")
+        stamper = ReversedTriggers(nc.masks, nc.patterns)
+        label = torch.tensor([nc.flagged_labels[0] if nc.flagged_labels else 0])
+        self.out.mkdir(parents=True, exist_ok=True)
+        images, restored = ["images"], ["restored"]
+        files = {
+            "classifier": export_onnx(classifier, example, self.out / "classifier.onnx", images, ["logits", "features"], cfg),
+            "detrigger_ae": export_onnx(detrigger, example, self.out / "detrigger_ae.onnx", images, restored, cfg),
+            "masked_ae": export_onnx(restorer, example, self.out / "masked_ae.onnx", images, restored, cfg),
+            "reversed_triggers": export_onnx(
+                stamper, (*example, label), self.out / "reversed_triggers.onnx", ["images", "label"], ["stamped"], cfg
+            ),
+        }  # fmt: skip
+        bank_idx, _, _ = split_calibration(len(self.x_cal), self.config.calibration)
+        files["strip_bank"] = write_bank(self.out / "strip_bank.npy", self.x_cal[bank_idx])
+        c = self.config
+        update_manifest(
+            self.out,
+            schema_version=1,
+            name=f"{self.dataset.name}-{self.classifier_path.stem if self.user_classifier else c.attack}",
+            dataset=self.dataset.name,
+            class_names=list(self.dataset.class_names),
+            preprocessing=Preprocessing().to_dict(),
+            files=files,
+            neural_cleanse=nc.summary(),
+            configs=to_jsonable(
+                {
+                    "attack": c.attack_config if self.user_classifier is None else None,
+                    "attack_preset": c.attack if self.user_classifier is None else None,
+                    "data": c.data, "classifier": c.classifier, "masked_ae": c.masked_ae, "detrigger": c.detrigger,
+                    "neural_cleanse": c.neural_cleanse, "calibration": c.calibration, "export": c.export,
+                    "strip": {"n": c.calibration.strip_n, "blend": c.calibration.strip_blend},
+                    "limits": {"train": c.train_limit, "calibration": c.calibration_limit, "test": c.test_limit},
+                }
+            ),  # fmt: skip
+            build={
+                "command": " ".join(["python -m training", *sys.argv[1:]]),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+            },
+        )
+
+    def stage_calibrate(self) -> None:
+        bundle = Bundle.load(self.out)
+        thresholds, stand_in = calibrate(bundle, self.x_cal, self.dataset.calibration.labels, self.config.calibration)
+        update_manifest(self.out, thresholds=thresholds, calibration=stand_in)
+        log.info("thresholds: %s", {k: v.get("threshold") for k, v in thresholds.items() if isinstance(v, dict)})
+
+    def stage_metrics(self) -> None:
+        bundle = Bundle.load(self.out)
+        metrics = evaluate(bundle, self.x_test, self.dataset.test.labels, self.config.attack_config)
+        control = self.work / "control" / "summary.json"
+        metrics["control"] = json.loads(control.read_text()) if control.is_file() else None
+        metrics["stage_seconds"] = {**bundle.manifest.get("metrics", {}).get("stage_seconds", {}), **self.timings}
+        manifest = update_manifest(self.out, metrics=metrics)
+        report.write(self.out / "report.md", manifest)
+
+    def stage_control(self) -> None:
+        """A model trained by the same recipe without poison: Neural Cleanse must flag nothing on it."""
+        path = self.work / "control" / "classifier.pt"
+        self._train_classifier(PRESETS["clean"], path)
+        result = self._neural_cleanse(path)
+        model = load_classifier(path)
+        accuracy = float((predict(model, self.x_test)[0].argmax(1) == self.dataset.test.labels).mean())
+        log.info("control model: anomaly index %s, flagged %s", result.anomaly_index.round(2), result.flagged_labels)
+        write_json(self.work / "control" / "summary.json", {"clean_accuracy": accuracy, **result.summary()})

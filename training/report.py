@@ -1,0 +1,112 @@
+"""models/report.md: the bundle's measured figures against the issue's bars and the papers, from the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _check(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
+def bars(manifest: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """(what, measured, bar, met) for each bar of the bundle; used by the report and the tests."""
+    m, nc = manifest["metrics"], manifest["neural_cleanse"]
+    parity = max(f.get("parity_max_abs_diff", 0.0) for f in manifest["files"].values())
+    control = m.get("control") or {}
+    d = m["detrigger"]
+    return [
+        ("classifier clean accuracy", m["classifier"]["clean_accuracy"], ">= 90%", m["classifier"]["clean_accuracy"] >= 0.90),
+        ("attack success (triggered non-target)", m["classifier"]["attack_success"], ">= 99%", m["classifier"]["attack_success"] >= 0.99),
+        ("de-trigger AE: clean accuracy after restoration", d["clean_accuracy_after"], ">= 89%", d["clean_accuracy_after"] >= 0.89),
+        ("de-trigger AE: triggered restored to true label", d["triggered_accuracy_after"], ">= 88%", d["triggered_accuracy_after"] >= 0.88),
+        ("de-trigger flag rule: false-positive rate", d["fpr"], "<= 5%", d["fpr"] <= 0.05),
+        ("de-trigger flag rule: detection", d["tpr"], ">= 95%", d["tpr"] >= 0.95),
+        ("Neural Cleanse: label 0 the only flagged label", float(nc["anomaly_index"][0]), "index > 2, flagged == [0]", nc["flagged_labels"] == [0] and nc["anomaly_index"][0] > 2),
+        ("Neural Cleanse on the clean control: flagged labels", float(len(control.get("flagged_labels", [None]))), "none", control.get("flagged_labels") == []),
+        ("ONNX parity: max abs difference", parity, "<= 1e-4", parity <= 1e-4),
+    ]  # fmt: skip
+
+
+def render(manifest: dict[str, Any]) -> str:
+    m, nc, th = manifest["metrics"], manifest["neural_cleanse"], manifest["thresholds"]
+    lines = [
+        f"# Guard bundle `{manifest['name']}`",
+        "",
+        f"Written by `{manifest['build']['command']}`; every figure below is measured by it with ONNX Runtime through the",
+        "service's own guard pipeline on the Fashion-MNIST test split "
+        f"({m['images']['clean']} clean images, {m['images']['triggered']} triggered non-target images).",
+        "",
+        "## The bars",
+        "",
+        "| what | measured | bar | met |",
+        "|---|---|---|---|",
+    ]
+    for what, value, bar, ok in bars(manifest):
+        shown = f"{value:.2e}" if "parity" in what else f"{value:.2f}" if "Neural" in what else _pct(value)
+        lines.append(f"| {what} | {shown} | {bar} | {_check(ok)} |")
+    d = m["detrigger"]
+    lines += [
+        "",
+        "## Against Kwon (Fashion-MNIST, paper figures)",
+        "",
+        "| | Kwon 2021 (paper) | this bundle |",
+        "|---|---|---|",
+        f"| detection (flag rule) | 82.3% | {_pct(d['tpr'])} |",
+        f"| clean accuracy after the AE | 89.6% | {_pct(d['clean_accuracy_after'])} |",
+        "| false-positive rate of the flag rule | not reported | " + _pct(d["fpr"]) + " |",
+        "",
+        f"## Every signal (thresholds at {_pct(th['target_fpr'])} clean FPR on the calibration split)",
+        "",
+        "| signal | FPR (clean) | TPR (triggered) | AUROC |",
+        "|---|---|---|---|",
+    ]
+    for name in ("detrigger", "masked_ae", "strip", "activation", "fused"):
+        s = m[name]
+        lines.append(f"| {name} | {_pct(s['fpr'])} | {_pct(s['tpr'])} | {s['auroc']:.4f} |")
+    f = m["fused"]
+    lines += [
+        "",
+        f"With the fused verdict and its label policy: clean accuracy {_pct(f['clean_accuracy'])} "
+        f"(undefended {_pct(m['classifier']['clean_accuracy'])}), triggered images given their true label "
+        f"{_pct(f['triggered_accuracy'])}, given the attacker's label {_pct(f['attack_success_after'])} "
+        f"(undefended {_pct(m['classifier']['attack_success'])}).",
+        "",
+        "## Neural Cleanse",
+        "",
+        "| label | " + " | ".join(str(i) for i in range(len(nc["anomaly_index"]))) + " |",
+        "|---|" + "---|" * len(nc["anomaly_index"]),
+        "| mask L1 norm | " + " | ".join(f"{v:.1f}" for v in nc["l1_norms"]) + " |",
+        "| anomaly index | " + " | ".join(f"{v:.2f}" for v in nc["anomaly_index"]) + " |",
+    ]
+    control = m.get("control")
+    if control:
+        lines.append("| control model's index | " + " | ".join(f"{v:.2f}" for v in control["anomaly_index"]) + " |")
+    lines += [
+        "",
+        f"Flagged labels: {nc['flagged_labels']}. "
+        + (
+            f"Control model (same recipe, no poison, clean accuracy {_pct(control['clean_accuracy'])}): "
+            f"flagged {control['flagged_labels']}."
+            if control
+            else "No control model was built (run the `control` stage)."
+        ),
+        "",
+        "Stand-in attacks (Neural Cleanse's reversed trigger, calibration split; never used to set a threshold): "
+        + ", ".join(
+            f"label {k}: fused TPR {_pct(v['fused_tpr'])}"
+            for k, v in manifest["calibration"]["neural_cleanse_reversed_triggers"].items()
+        ),
+        "",
+        "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in m.get("stage_seconds", {}).items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(path: Path, manifest: dict[str, Any]) -> None:
+    path.write_text(render(manifest))
