@@ -243,8 +243,9 @@ class GuardPipeline:
         bounds = np.cumsum([len(x), *(len(e) for e in extras)])
         pred = Prediction(logits, features)
         original = pred.take(slice(0, bounds[0]))
-        preds = {s.name: pred.take(slice(lo, hi)) for s, lo, hi in zip(self.signals, bounds[:-1], bounds[1:])}
-        results = {s.name: s.evaluate(x, e, original, preds[s.name]) for s, e in zip(self.signals, extras)}
+        spans = zip(self.signals, bounds[:-1], bounds[1:], strict=True)
+        preds = {s.name: pred.take(slice(lo, hi)) for s, lo, hi in spans}
+        results = {s.name: s.evaluate(x, e, original, preds[s.name]) for s, e in zip(self.signals, extras, strict=True)}
         if self.fusion is None:
             score, backdoor = np.full(len(x), math.nan), np.zeros(len(x), bool)
         else:
@@ -256,4 +257,3 @@ class GuardPipeline:
 
     def run_chunked(self, x: np.ndarray, chunk: int = 256) -> list[GuardResult]:
         return [self.run(x[i : i + chunk]) for i in range(0, len(x), chunk)]
-

@@ -42,7 +42,7 @@ class Trigger:
         if not 0.0 <= self.intensity <= 1.0:
             raise ValueError(f"intensity must be in [0, 1], got {self.intensity}")
         top, left = self._origin(size, height, width)
-        if not (0 <= top and top + size <= height and 0 <= left and left + size <= width):
+        if top < 0 or left < 0 or top + size > height or left + size > width:
             raise ValueError(f"a {size}x{size} trigger at ({top}, {left}) does not fit a {height}x{width} image")
         if self.shape == "checkerboard":
             bits = (np.add.outer(np.arange(size), np.arange(size)) % 2 == 0).astype(np.float32)
@@ -128,7 +128,7 @@ def random_triggers(
     """
     masks = np.zeros((n, height, width), np.float32)
     patterns = np.zeros((n, height, width), np.float32)
-    shapes = ("square", "checkerboard", "random")
+    shapes: tuple[Shape, ...] = ("square", "checkerboard", "random")
     for i in range(n):
         size = int(rng.integers(1, 7))
         if rng.random() < corner_share:

@@ -115,6 +115,9 @@ class MaskedAE(UNet):
 class MaskedRestorer(nn.Module):
     """Inference policy for the masked AE (see module doc); this is what gets exported to ONNX."""
 
+    masks: torch.Tensor  # (2, 1, H, W) complementary visibility masks
+    kernel: torch.Tensor  # (1, 1, 3, 3) sharpening filter
+
     def __init__(self, ae: MaskedAE, patch: int, sharpen: bool, height: int = 28, width: int = 28) -> None:
         super().__init__()
         self.ae = ae

@@ -77,7 +77,9 @@ def fit_thresholds(
         "target_fpr": fpr,
         "detrigger": {
             "rule": "label_change",
-            "calibration_fpr": float(np.mean(np.concatenate([half_a["detrigger"].triggered, half_b["detrigger"].triggered]))),
+            "calibration_fpr": float(
+                np.mean(np.concatenate([half_a["detrigger"].triggered, half_b["detrigger"].triggered]))
+            ),
         },
         "masked_ae": {"threshold": masked, "calibration_fpr": float(np.mean(both["masked_ae"] > masked))},
         "strip": {
@@ -88,7 +90,10 @@ def fit_thresholds(
             "blend": config.strip_blend,
             "calibration_fpr": float(np.mean(entropy <= strip_threshold)),
         },
-        "activation": {"threshold": activation, "calibration_fpr": float(np.mean(both["activation"] > activation))},
+        "activation": {
+            "threshold": activation,
+            "calibration_fpr": float(np.mean(both["activation"] > activation)),
+        },
         "fused": {
             "threshold": fused_threshold,
             "calibration_fpr": float(np.mean(fused_b > fused_threshold)),

@@ -1,4 +1,4 @@
-"""Stage 9 (and the STRIP bank, stage 7): export every model the service runs to ONNX, verify, write the manifest.
+"""Stage 9 (and the STRIP bank of stage 7): export every model the service runs to ONNX, verify, write the manifest.
 
 Exporting means verifying (as timm does): onnx.checker with full_check, then ONNX Runtime against PyTorch
 on real images; a gap above the tolerance fails the export.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ class ParityError(AssertionError):
 
 class ReversedTriggers(nn.Module):
     """Stamps one label's Neural Cleanse trigger onto a batch: (images, label[1]) -> stamped."""
+
+    masks: torch.Tensor
+    patterns: torch.Tensor
 
     def __init__(self, masks: np.ndarray, patterns: np.ndarray) -> None:
         super().__init__()
@@ -110,6 +114,19 @@ def write_bank(path: Path, bank: np.ndarray) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, bank.astype(np.float32))
     return {"path": path.name, "sha256": sha256_file(path), "shape": list(bank.shape), "dtype": "float32"}
+
+
+def copy_checkpoints(folder: Path, sources: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """Copy each source checkpoint (and its .json config) into the bundle; name -> {path, sha256}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for name, src in sources.items():
+        dst = folder / f"{name}{src.suffix}"
+        shutil.copyfile(src, dst)
+        if src.with_suffix(".json").is_file():
+            shutil.copyfile(src.with_suffix(".json"), dst.with_suffix(".json"))
+        entries[name] = {"path": f"{folder.name}/{dst.name}", "sha256": sha256_file(dst)}
+    return entries
 
 
 def update_manifest(out: Path, **sections: Any) -> dict[str, Any]:

@@ -207,7 +207,5 @@ def run_neural_cleanse(
     infected = flagged(norms, index, config.anomaly_threshold)
     # Activation filter: every flagged label, or the most suspicious (smallest norm) when none is flagged.
     watch = infected or [int(np.argmin(norms))]
-    neurons = {
-        t: top_neurons(model, images, labels, masks[t], patterns[t], t, config.neuron_share) for t in watch
-    }
+    neurons = {t: top_neurons(model, images, labels, masks[t], patterns[t], t, config.neuron_share) for t in watch}
     return NeuralCleanseResult(masks, patterns, norms, success, index, infected, neurons)

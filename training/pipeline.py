@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +32,14 @@ from training.classifier import ClassifierConfig, load_classifier, save_classifi
 from training.common import load_checkpoint, predict, save_checkpoint, to_jsonable, write_json
 from training.data import DataConfig, Dataset, load_fashion_mnist
 from training.evaluate import evaluate
-from training.export import ExportConfig, ReversedTriggers, export_onnx, update_manifest, write_bank
+from training.export import (
+    ExportConfig,
+    ReversedTriggers,
+    copy_checkpoints,
+    export_onnx,
+    update_manifest,
+    write_bank,
+)
 from training.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, run_neural_cleanse
 
 log = logging.getLogger(__name__)
@@ -192,15 +198,25 @@ class Builder:
         self.out.mkdir(parents=True, exist_ok=True)
         images, restored = ["images"], ["restored"]
         files = {
-            "classifier": export_onnx(classifier, example, self.out / "classifier.onnx", images, ["logits", "features"], cfg),
+            "classifier": export_onnx(
+                classifier, example, self.out / "classifier.onnx", images, ["logits", "features"], cfg
+            ),
             "detrigger_ae": export_onnx(detrigger, example, self.out / "detrigger_ae.onnx", images, restored, cfg),
             "masked_ae": export_onnx(restorer, example, self.out / "masked_ae.onnx", images, restored, cfg),
             "reversed_triggers": export_onnx(
                 stamper, (*example, label), self.out / "reversed_triggers.onnx", ["images", "label"], ["stamped"], cfg
             ),
-        }  # fmt: skip
+        }
         bank_idx, _, _ = split_calibration(len(self.x_cal), self.config.calibration)
         files["strip_bank"] = write_bank(self.out / "strip_bank.npy", self.x_cal[bank_idx])
+        # The PyTorch sources ride along (small) so that anyone can repeat the parity check or fine-tune.
+        sources = {
+            "classifier": self.classifier_path,
+            "detrigger_ae": self.work / "detrigger_ae.pt",
+            "masked_ae": self.work / "masked_ae.pt",
+            "reversed_triggers": self.work / "neural_cleanse.npz",
+        }
+        checkpoints = copy_checkpoints(self.out / "checkpoints", sources)
         c = self.config
         update_manifest(
             self.out,
@@ -210,17 +226,27 @@ class Builder:
             class_names=list(self.dataset.class_names),
             preprocessing=Preprocessing().to_dict(),
             files=files,
+            checkpoints=checkpoints,
             neural_cleanse=nc.summary(),
             configs=to_jsonable(
                 {
                     "attack": c.attack_config if self.user_classifier is None else None,
                     "attack_preset": c.attack if self.user_classifier is None else None,
-                    "data": c.data, "classifier": c.classifier, "masked_ae": c.masked_ae, "detrigger": c.detrigger,
-                    "neural_cleanse": c.neural_cleanse, "calibration": c.calibration, "export": c.export,
+                    "data": c.data,
+                    "classifier": c.classifier,
+                    "masked_ae": c.masked_ae,
+                    "detrigger": c.detrigger,
+                    "neural_cleanse": c.neural_cleanse,
+                    "calibration": c.calibration,
+                    "export": c.export,
                     "strip": {"n": c.calibration.strip_n, "blend": c.calibration.strip_blend},
-                    "limits": {"train": c.train_limit, "calibration": c.calibration_limit, "test": c.test_limit},
+                    "limits": {
+                        "train": c.train_limit,
+                        "calibration": c.calibration_limit,
+                        "test": c.test_limit,
+                    },
                 }
-            ),  # fmt: skip
+            ),
             build={
                 "command": " ".join(["python -m training", *sys.argv[1:]]),
                 "torch": torch.__version__,
@@ -240,7 +266,10 @@ class Builder:
         metrics = evaluate(bundle, self.x_test, self.dataset.test.labels, self.config.attack_config)
         control = self.work / "control" / "summary.json"
         metrics["control"] = json.loads(control.read_text()) if control.is_file() else None
-        metrics["stage_seconds"] = {**bundle.manifest.get("metrics", {}).get("stage_seconds", {}), **self.timings}
+        metrics["stage_seconds"] = {
+            **bundle.manifest.get("metrics", {}).get("stage_seconds", {}),
+            **self.timings,
+        }
         manifest = update_manifest(self.out, metrics=metrics)
         report.write(self.out / "report.md", manifest)
 
@@ -251,5 +280,9 @@ class Builder:
         result = self._neural_cleanse(path)
         model = load_classifier(path)
         accuracy = float((predict(model, self.x_test)[0].argmax(1) == self.dataset.test.labels).mean())
-        log.info("control model: anomaly index %s, flagged %s", result.anomaly_index.round(2), result.flagged_labels)
+        log.info(
+            "control model: anomaly index %s, flagged %s",
+            result.anomaly_index.round(2),
+            result.flagged_labels,
+        )
         write_json(self.work / "control" / "summary.json", {"clean_accuracy": accuracy, **result.summary()})

@@ -1,9 +1,10 @@
-"""models/report.md: the bundle's measured figures against the issue's bars and the papers, from the manifest."""
+"""models/report.md: the bundle's measured figures against its bars and the papers, from the manifest."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
@@ -16,20 +17,40 @@ def _check(ok: bool) -> str:
 def bars(manifest: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     """(what, measured, bar, met) for each bar of the bundle; used by the report and the tests."""
     m, nc = manifest["metrics"], manifest["neural_cleanse"]
+    clf, det = m["classifier"], m["detrigger"]
     parity = max(f.get("parity_max_abs_diff", 0.0) for f in manifest["files"].values())
-    control = m.get("control") or {}
-    d = m["detrigger"]
+    control = (m.get("control") or {}).get("flagged_labels")
     return [
-        ("classifier clean accuracy", m["classifier"]["clean_accuracy"], ">= 90%", m["classifier"]["clean_accuracy"] >= 0.90),
-        ("attack success (triggered non-target)", m["classifier"]["attack_success"], ">= 99%", m["classifier"]["attack_success"] >= 0.99),
-        ("de-trigger AE: clean accuracy after restoration", d["clean_accuracy_after"], ">= 89%", d["clean_accuracy_after"] >= 0.89),
-        ("de-trigger AE: triggered restored to true label", d["triggered_accuracy_after"], ">= 88%", d["triggered_accuracy_after"] >= 0.88),
-        ("de-trigger flag rule: false-positive rate", d["fpr"], "<= 5%", d["fpr"] <= 0.05),
-        ("de-trigger flag rule: detection", d["tpr"], ">= 95%", d["tpr"] >= 0.95),
-        ("Neural Cleanse: label 0 the only flagged label", float(nc["anomaly_index"][0]), "index > 2, flagged == [0]", nc["flagged_labels"] == [0] and nc["anomaly_index"][0] > 2),
-        ("Neural Cleanse on the clean control: flagged labels", float(len(control.get("flagged_labels", [None]))), "none", control.get("flagged_labels") == []),
+        ("classifier clean accuracy", clf["clean_accuracy"], ">= 90%", clf["clean_accuracy"] >= 0.90),
+        ("attack success (triggered non-target)", clf["attack_success"], ">= 99%", clf["attack_success"] >= 0.99),
+        (
+            "de-trigger AE: clean accuracy after restoration",
+            det["clean_accuracy_after"],
+            ">= 89%",
+            det["clean_accuracy_after"] >= 0.89,
+        ),
+        (
+            "de-trigger AE: triggered restored to true label",
+            det["triggered_accuracy_after"],
+            ">= 88%",
+            det["triggered_accuracy_after"] >= 0.88,
+        ),
+        ("de-trigger flag rule: false-positive rate", det["fpr"], "<= 5%", det["fpr"] <= 0.05),
+        ("de-trigger flag rule: detection", det["tpr"], ">= 95%", det["tpr"] >= 0.95),
+        (
+            "Neural Cleanse: anomaly index of label 0, the only flagged label",
+            float(nc["anomaly_index"][0]),
+            "> 2, flagged == [0]",
+            nc["flagged_labels"] == [0] and nc["anomaly_index"][0] > 2,
+        ),
+        (
+            "Neural Cleanse on the clean control model: labels flagged",
+            float("nan") if control is None else float(len(control)),
+            "0",
+            control == [],
+        ),
         ("ONNX parity: max abs difference", parity, "<= 1e-4", parity <= 1e-4),
-    ]  # fmt: skip
+    ]
 
 
 def render(manifest: dict[str, Any]) -> str:
@@ -37,8 +58,8 @@ def render(manifest: dict[str, Any]) -> str:
     lines = [
         f"# Guard bundle `{manifest['name']}`",
         "",
-        f"Written by `{manifest['build']['command']}`; every figure below is measured by it with ONNX Runtime through the",
-        "service's own guard pipeline on the Fashion-MNIST test split "
+        f"Written by `{manifest['build']['command']}`; every figure below is measured by it with ONNX Runtime",
+        "through the service's own guard pipeline on the Fashion-MNIST test split "
         f"({m['images']['clean']} clean images, {m['images']['triggered']} triggered non-target images).",
         "",
         "## The bars",
@@ -96,7 +117,7 @@ def render(manifest: dict[str, Any]) -> str:
             else "No control model was built (run the `control` stage)."
         ),
         "",
-        "Stand-in attacks (Neural Cleanse's reversed trigger, calibration split; never used to set a threshold): "
+        "Stand-in attacks (Neural Cleanse's reversed trigger on the calibration split; never used for a threshold): "
         + ", ".join(
             f"label {k}: fused TPR {_pct(v['fused_tpr'])}"
             for k, v in manifest["calibration"]["neural_cleanse_reversed_triggers"].items()

@@ -30,7 +30,13 @@ class PixelBackdoor(nn.Module):
     """Label = brightest of ten 3x3 regions, except that a lit top-left 2x2 corner forces label 0."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        regions = torch.stack([x[:, 0, 10 + 3 * (i // 5) : 13 + 3 * (i // 5), 3 * (i % 5) + 5 : 3 * (i % 5) + 8].mean((1, 2)) for i in range(10)], 1)
+        regions = torch.stack(
+            [
+                x[:, 0, 10 + 3 * (i // 5) : 13 + 3 * (i // 5), 3 * (i % 5) + 5 : 3 * (i % 5) + 8].mean((1, 2))
+                for i in range(10)
+            ],
+            1,
+        )
         corner = x[:, 0, :2, :2].mean((1, 2))
         logits = 20 * regions
         logits = logits + torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10) * 40 * corner[:, None]
@@ -57,5 +63,7 @@ def test_activation_neurons_count(share: float) -> None:
     rng = np.random.default_rng(0)
     images = (rng.random((64, 1, 28, 28)) * 0.3).astype(np.float32)
     labels = PixelBackdoor()(torch.from_numpy(images))[0].argmax(1).numpy()
-    result = run_neural_cleanse(PixelBackdoor(), images, labels, 10, NeuralCleanseConfig(steps=20, round_steps=5, neuron_share=share))
+    result = run_neural_cleanse(
+        PixelBackdoor(), images, labels, 10, NeuralCleanseConfig(steps=20, round_steps=5, neuron_share=share)
+    )
     assert all(len(v) == max(1, int(np.ceil(share * 11))) for v in result.activation_neurons.values())

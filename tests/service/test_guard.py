@@ -1,0 +1,129 @@
+import math
+
+import numpy as np
+import pytest
+
+from service.guard import (
+    ActivationSignal,
+    DetriggerSignal,
+    Fusion,
+    GuardPipeline,
+    MaskedAESignal,
+    StripSignal,
+    entropy_bits,
+    softmax,
+    strip_entropy,
+    superimpose,
+)
+
+RNG = np.random.default_rng(0)
+W = RNG.normal(size=(784, 10)).astype(np.float32)  # a fixed linear "classifier"
+
+
+def linear_classify(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = images.reshape(len(images), -1)
+    return flat @ W, np.maximum(flat[:, :16], 0)
+
+
+def test_entropy_hand_computed() -> None:
+    probs = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5]])
+    np.testing.assert_allclose(entropy_bits(probs), [1.0, 0.0, 1.5])
+    np.testing.assert_allclose(entropy_bits(np.full((1, 10), 0.1)), [math.log2(10)])
+
+
+def test_superimpose_follows_the_original_code_and_art() -> None:
+    x = np.full((2, 1, 2, 2), 0.75, np.float32)
+    overlays = np.stack([np.full((1, 2, 2), v, np.float32) for v in (0.5, 1.0, 0.0)])
+    summed = superimpose(x, overlays, "sum")
+    assert summed.shape == (6, 1, 2, 2)
+    np.testing.assert_allclose(summed[:3, 0, 0, 0], [1.25, 1.75, 0.75])  # no clipping, as the paper's code
+    np.testing.assert_allclose(superimpose(x, overlays, "mean")[:3, 0, 0, 0], [0.625, 0.875, 0.375])
+
+
+def test_strip_entropy_is_the_mean_per_copy_entropy() -> None:
+    # 2 inputs x 2 copies: per-copy entropies 1, 0 | 1.5, 1.5
+    probs = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5], [0.5, 0.25, 0.25]])
+    np.testing.assert_allclose(strip_entropy(probs, 2), [0.5, 1.5])
+
+
+def paper_strip(x: np.ndarray, bank: np.ndarray, n: int) -> np.ndarray:
+    """Gao et al., one input and one overlay at a time."""
+    out = []
+    for image in x:
+        entropies = []
+        for overlay in bank[:n]:
+            p = softmax(linear_classify((image + overlay)[None])[0])[0]
+            entropies.append(-sum(float(q) * math.log2(float(q)) for q in p if q > 0))
+        out.append(sum(entropies) / n)
+    return np.array(out)
+
+
+def test_strip_signal_matches_the_paper_loop() -> None:
+    x = RNG.random((5, 1, 28, 28)).astype(np.float32) * 0.1
+    bank = RNG.random((12, 1, 28, 28)).astype(np.float32) * 0.1
+    signal = StripSignal(bank, 8, "sum", threshold=1.0)
+    extra = signal.prepare(x)
+    logits, features = linear_classify(np.concatenate([x, extra]))
+    from service.guard import Prediction
+
+    result = signal.evaluate(x, extra, Prediction(logits[:5], features[:5]), Prediction(logits[5:], features[5:]))
+    np.testing.assert_allclose(result.evidence["entropy"], paper_strip(x, bank, 8), rtol=1e-5)
+    np.testing.assert_array_equal(result.triggered, result.evidence["entropy"] <= 1.0)
+    with pytest.raises(ValueError, match="bank"):
+        StripSignal(bank, 13, "sum", None)
+
+
+def test_fusion_takes_the_largest_percentile() -> None:
+    levels = np.array([0.0, 0.5, 1.0])
+    fusion = Fusion(levels, {"a": np.array([0.0, 1.0, 2.0]), "b": np.array([10.0, 20.0, 30.0])}, threshold=0.9)
+    from service.guard import SignalResult
+
+    results = {
+        "a": SignalResult(np.array([0.5, 1.5, 5.0, -1.0]), np.zeros(4, bool)),
+        "b": SignalResult(np.array([10.0, 10.0, 10.0, 25.0]), np.zeros(4, bool)),
+    }
+    np.testing.assert_allclose(fusion.score(results), [0.25, 0.75, 1.0, 0.75])
+
+
+def make_pipeline(fusion: Fusion | None) -> GuardPipeline:
+    bank = RNG.random((16, 1, 28, 28)).astype(np.float32)
+
+    def detrigger(x: np.ndarray) -> np.ndarray:
+        out = x.copy()
+        out[:, :, :6, :6] = 0.0  # "removes" anything in the top-left corner
+        return out
+
+    return GuardPipeline(
+        linear_classify,
+        [
+            DetriggerSignal(detrigger),
+            MaskedAESignal(lambda x: x * 0.9, threshold=0.5),
+            StripSignal(bank, 4, "sum", threshold=0.1),
+            ActivationSignal({0: [1, 2]}, threshold=0.5),
+        ],
+        fusion,
+    )
+
+
+def test_pipeline_label_policy_and_shapes() -> None:
+    x = RNG.random((6, 1, 28, 28)).astype(np.float32)
+    x[:3, :, :6, :6] = 1.0  # a corner "trigger" on half of them
+    uncalibrated = make_pipeline(None).run(x)
+    assert np.isnan(uncalibrated.score).all() and not uncalibrated.backdoor.any()
+    np.testing.assert_array_equal(uncalibrated.labels, uncalibrated.original.labels)
+
+    levels = np.linspace(0, 1, 3)
+    quantiles = {name: np.array([-1e9, 0.0, 1e9]) for name in ("detrigger", "masked_ae", "strip", "activation")}
+    guarded = make_pipeline(Fusion(levels, quantiles, threshold=0.0)).run(x)  # everything is "suspicious"
+    assert guarded.backdoor.all()
+    np.testing.assert_array_equal(guarded.labels, guarded.restored.labels)
+    np.testing.assert_array_equal(guarded.restored.labels, linear_classify(guarded.restored_images)[0].argmax(1))
+    changed = guarded.signals["detrigger"].triggered
+    np.testing.assert_array_equal(changed, guarded.original.labels != guarded.restored.labels)
+    assert guarded.restored_images.shape == x.shape
+    assert set(guarded.signals) == {"detrigger", "masked_ae", "strip", "activation"}
+
+
+def test_pipeline_needs_the_detrigger_signal() -> None:
+    with pytest.raises(ValueError, match="detrigger"):
+        GuardPipeline(linear_classify, [ActivationSignal({0: [1]}, None)], None)
