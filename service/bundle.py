@@ -126,8 +126,11 @@ class Bundle:
         return self.sessions["reversed_triggers"].run(["stamped"], feed)[0]
 
 
-def build_pipeline(bundle: Bundle, strip_n: int | None = None, calibrated: bool = True) -> GuardPipeline:
-    """The guard over a bundle. calibrated=False leaves thresholds out (calibration itself needs that)."""
+def build_pipeline(
+    bundle: Bundle, strip_n: int | None = None, calibrated: bool = True, avoid_infected: bool = True
+) -> GuardPipeline:
+    """The guard over a bundle. calibrated=False leaves thresholds out (calibration itself needs that);
+    avoid_infected=False gives suspected images their plain restored label, even an infected one."""
     thresholds = bundle.manifest.get("thresholds", {}) if calibrated else {}
     strip_cfg = bundle.manifest["configs"]["strip"]
     n = strip_n if strip_n is not None else int(strip_cfg["n"])
@@ -139,4 +142,5 @@ def build_pipeline(bundle: Bundle, strip_n: int | None = None, calibrated: bool 
         ActivationSignal(neurons, thresholds.get("activation", {}).get("threshold")),
     ]
     fusion = Fusion.from_manifest(thresholds["fused"]) if "fused" in thresholds else None
-    return GuardPipeline(bundle.classify, signals, fusion)
+    infected = bundle.manifest["neural_cleanse"]["flagged_labels"] if avoid_infected else []
+    return GuardPipeline(bundle.classify, signals, fusion, infected)

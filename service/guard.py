@@ -83,9 +83,14 @@ class SignalResult:
     evidence: dict[str, np.ndarray] = field(default_factory=dict)  # per-image values for the response
     images: np.ndarray | None = None  # restored images, for restoration signals
 
+    def take(self, sl: slice) -> SignalResult:
+        images = self.images[sl] if self.images is not None else None
+        return SignalResult(self.score[sl], self.triggered[sl], {k: v[sl] for k, v in self.evidence.items()}, images)
+
 
 class Signal(ABC):
     name: ClassVar[str]
+    threshold: float | None = None  # on the signal's own evidence (see `report`); None before calibration
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
         """Extra images this signal needs classified; none by default."""
@@ -94,6 +99,14 @@ class Signal(ABC):
     @abstractmethod
     def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
         """Score a batch from the original prediction and the prediction of `extra`."""
+
+    def report(self, result: SignalResult, i: int) -> dict[str, Any]:
+        """Image i's evidence as JSON values: its own verdict, the evidence arrays, the threshold."""
+        out: dict[str, Any] = {"triggered": bool(result.triggered[i])}
+        out.update({k: v[i].item() for k, v in result.evidence.items()})
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return out
 
 
 def _confidence_drop(original: Prediction, restored: Prediction) -> np.ndarray:
@@ -163,6 +176,9 @@ class StripSignal(Signal):
         below = entropy <= self.threshold if self.threshold is not None else np.zeros(len(x), bool)
         return SignalResult(score=-entropy, triggered=below, evidence={"entropy": entropy})
 
+    def report(self, result: SignalResult, i: int) -> dict[str, Any]:
+        return {**super().report(result, i), "n": self.n}
+
 
 class ActivationSignal(Signal):
     """Neural Cleanse's filter: mean activation of the neurons its reversed trigger excites most."""
@@ -216,25 +232,54 @@ class GuardResult:
     signals: dict[str, SignalResult]
     score: np.ndarray  # (B,) fused score, NaN without a calibrated fusion
     backdoor: np.ndarray  # (B,) bool
+    labels: np.ndarray  # (B,) the label to trust (see `trusted_labels`)
+    confidence: np.ndarray  # (B,) its probability
 
-    @property
-    def labels(self) -> np.ndarray:
-        """Label policy: the restored prediction when a backdoor is suspected, else the original one."""
-        return np.where(self.backdoor, self.restored.labels, self.original.labels)
+    def take(self, sl: slice) -> GuardResult:
+        """The results of images sl of the batch (micro-batching hands each request its own)."""
+        return GuardResult(
+            self.original.take(sl),
+            self.restored.take(sl),
+            self.restored_images[sl],
+            {k: v.take(sl) for k, v in self.signals.items()},
+            self.score[sl],
+            self.backdoor[sl],
+            self.labels[sl],
+            self.confidence[sl],
+        )
 
-    @property
-    def confidence(self) -> np.ndarray:
-        return np.where(self.backdoor, self.restored.confidence, self.original.confidence)
+
+def trusted_labels(
+    original: Prediction, restored: Prediction, backdoor: np.ndarray, infected: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label policy: the original prediction, or for a suspected backdoor the de-triggered one.
+
+    A suspected image is never given a label Neural Cleanse found infected: the attacker's label is the
+    one answer a flagged input must not get, even when restoration alone leaves it on top (on the shipped
+    bundle that happens mostly to shirts the model calls T-shirts without any trigger).
+    """
+    probs = restored.probs
+    if infected:
+        probs = probs.copy()
+        probs[:, list(infected)] = -1.0
+    rows = np.arange(len(backdoor))
+    suspect = probs.argmax(axis=1)
+    labels = np.where(backdoor, suspect, original.labels)
+    confidence = np.where(backdoor, restored.probs[rows, suspect], original.confidence)
+    return labels, confidence
 
 
 class GuardPipeline:
     """Runs every signal over a batch with one classifier call, then fuses them."""
 
-    def __init__(self, classify: Classify, signals: Sequence[Signal], fusion: Fusion | None) -> None:
+    def __init__(
+        self, classify: Classify, signals: Sequence[Signal], fusion: Fusion | None, infected: Sequence[int] = ()
+    ) -> None:
         names = [s.name for s in signals]
         if "detrigger" not in names:
             raise ValueError("the pipeline needs the detrigger signal: the label policy uses its restoration")
         self.classify, self.signals, self.fusion = classify, list(signals), fusion
+        self.infected = [int(t) for t in infected]  # labels a suspected image must not be given
 
     def run(self, x: np.ndarray) -> GuardResult:
         """x: float32 (B, 1, H, W) in [0, 1]."""
@@ -253,7 +298,9 @@ class GuardPipeline:
             backdoor = score > self.fusion.threshold
         restored_images = results["detrigger"].images
         assert restored_images is not None
-        return GuardResult(original, preds["detrigger"], restored_images, results, score, backdoor)
+        restored = preds["detrigger"]
+        labels, confidence = trusted_labels(original, restored, backdoor, self.infected)
+        return GuardResult(original, restored, restored_images, results, score, backdoor, labels, confidence)
 
     def run_chunked(self, x: np.ndarray, chunk: int = 256) -> list[GuardResult]:
         return [self.run(x[i : i + chunk]) for i in range(0, len(x), chunk)]

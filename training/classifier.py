@@ -56,6 +56,11 @@ class LogitsAndFeatures(nn.Module):
         super().__init__()
         self.inner = inner
 
+    def train(self, mode: bool = True) -> LogitsAndFeatures:
+        """An exported program's mode was fixed at export (it refuses .train/.eval): only record ours."""
+        self.training = mode
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.inner(x)
         if isinstance(out, torch.Tensor):
@@ -98,8 +103,16 @@ def save_classifier(path: Path, model: KwonCNN, config: ClassifierConfig, **extr
 def load_classifier(path: Path) -> nn.Module:
     """Our checkpoint (.pt) or a user's torch.export archive (.pt2) -> module giving (logits, features)."""
     if path.suffix == ".pt2":
-        program = torch.export.load(str(path))
-        return LogitsAndFeatures(program.module()).eval()
+        adapted = LogitsAndFeatures(torch.export.load(str(path)).module()).eval()
+        try:  # the guard runs batches of any size: a program exported for one fixed batch cannot serve
+            with torch.no_grad():
+                adapted(torch.zeros(3, 1, 28, 28))
+        except Exception as err:
+            raise ValueError(
+                f"{path}: the exported program does not run on a batch of 3 images of 1x28x28 ({err}); export it "
+                "with a dynamic batch, e.g. dynamic_shapes={'x': {0: torch.export.Dim('batch')}}"
+            ) from err
+        return adapted
     meta, state = load_checkpoint(path)
     if meta["arch"] != ARCH:
         raise ValueError(f"{path}: unknown classifier architecture {meta['arch']!r}")

@@ -49,6 +49,7 @@ def _join(runs: list[GuardResult]) -> dict[str, np.ndarray]:
         "original": np.concatenate([r.original.labels for r in runs]),
         "restored": np.concatenate([r.restored.labels for r in runs]),
         "final": np.concatenate([r.labels for r in runs]),
+        "plain": np.concatenate([np.where(r.backdoor, r.restored.labels, r.original.labels) for r in runs]),
         "backdoor": np.concatenate([r.backdoor for r in runs]),
         "score": np.concatenate([r.score for r in runs]),
     }
@@ -100,5 +101,9 @@ def evaluate(
         "clean_accuracy": rate(clean["final"] == y),
         "triggered_accuracy": rate(dirty["final"] == yt),
         "attack_success_after": rate(dirty["final"] == ya),
+        # the same with the plain policy (restored label even when Neural Cleanse flagged it as infected)
+        "attack_success_after_plain_policy": rate(dirty["plain"] == ya),
+        "triggered_accuracy_plain_policy": rate(dirty["plain"] == yt),
+        "clean_accuracy_plain_policy": rate(clean["plain"] == y),
     }
     return metrics

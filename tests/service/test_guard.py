@@ -127,3 +127,16 @@ def test_pipeline_label_policy_and_shapes() -> None:
 def test_pipeline_needs_the_detrigger_signal() -> None:
     with pytest.raises(ValueError, match="detrigger"):
         GuardPipeline(linear_classify, [ActivationSignal({0: [1]}, None)], None)
+
+
+def test_a_suspected_image_never_gets_an_infected_label() -> None:
+    from service.guard import Prediction, trusted_labels
+
+    original = Prediction(np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]])), np.zeros((3, 1)))
+    restored = Prediction(np.log(np.array([[0.6, 0.3, 0.1], [0.5, 0.1, 0.4], [0.9, 0.05, 0.05]])), np.zeros((3, 1)))
+    backdoor = np.array([True, True, False])
+    labels, confidence = trusted_labels(original, restored, backdoor, infected=[0])
+    np.testing.assert_array_equal(labels, [1, 2, 0])  # suspects avoid label 0; the unsuspected keeps its own
+    np.testing.assert_allclose(confidence, [0.3, 0.4, 0.6])
+    plain, _ = trusted_labels(original, restored, backdoor, infected=[])
+    np.testing.assert_array_equal(plain, [0, 0, 0])
