@@ -1,0 +1,83 @@
+"""Typed errors and their JSON form: {"error": {"code", "message", "file_index"}}."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    file_index: int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class GuardError(Exception):
+    """An error with an HTTP status and a stable machine-readable code."""
+
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, file_index: int | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message, self.file_index, self.headers = message, file_index, headers
+
+
+class BadImage(GuardError):
+    status, code = 400, "bad_image"
+
+
+class TooManyFiles(GuardError):
+    status, code = 413, "too_many_files"
+
+
+class TooLarge(GuardError):
+    status, code = 413, "too_large"
+
+
+class WrongContentType(GuardError):
+    status, code = 415, "unsupported_media_type"
+
+
+class NoFiles(GuardError):
+    status, code = 422, "no_files"
+
+
+class Unauthorized(GuardError):
+    status, code = 401, "unauthorized"
+
+
+class NotReady(GuardError):
+    status, code = 503, "not_ready"
+
+
+class Overloaded(GuardError):
+    status, code = 503, "overloaded"
+
+
+class UnknownModel(GuardError):
+    status, code = 404, "unknown_model"
+
+
+def error_response(status: int, code: str, message: str, file_index: int | None = None, **kw: object) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, file_index=file_index))
+    return JSONResponse(body.model_dump(), status_code=status, **kw)  # type: ignore[arg-type]
+
+
+async def guard_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GuardError)
+    return error_response(exc.status, exc.code, exc.message, exc.file_index, headers=exc.headers)
+
+
+def responses(*errors: type[GuardError]) -> dict[int | str, dict[str, object]]:
+    """OpenAPI `responses` for a route: every status its errors can produce."""
+    out: dict[int | str, dict[str, object]] = {}
+    for err in errors:
+        entry = out.setdefault(err.status, {"model": ErrorResponse, "description": ""})
+        entry["description"] = " / ".join(filter(None, [str(entry["description"]), err.code]))
+    return out

@@ -1,0 +1,72 @@
+"""Prometheus metrics of one app (own registry, so tests can build many apps). Base units, bounded labels."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+
+from service.batcher import BatchStats
+from service.guard import GuardResult
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The *_created series double the exposition and no dashboard reads them.
+disable_created_metrics()
+
+ENTROPY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
+
+
+class Metrics:
+    def __init__(self, signals: list[str]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "guard_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "guard_request_duration_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queued = Histogram(
+            "guard_queue_wait_seconds",
+            "Time a request's images waited for a batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "guard_batch_compute_seconds", "Time the guard took for one batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.decode = Histogram(
+            "guard_decode_seconds", "Time to decode and preprocess one request", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "guard_batch_size_images", "Images per guarded batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.images = Counter("guard_images", "Images judged, by verdict", ["verdict"], registry=r)
+        self.triggers = Counter(
+            "guard_signal_triggers", "Images each signal flagged on its own", ["signal"], registry=r
+        )
+        self.entropy = Histogram(
+            "guard_strip_entropy", "STRIP entropy (log2) of judged images: watch for drift", buckets=ENTROPY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.queue = Gauge("guard_queue_images", "Images waiting or running", registry=r)
+        self.ready = Gauge("guard_ready", "1 once the models are loaded and warmed up", registry=r)
+        self.model = Info("guard_model", "The guarded model and its bundle", registry=r)
+        for verdict in ("backdoor", "clean"):  # export zeros from the start, so rates exist
+            self.images.labels(verdict=verdict)
+        for name in signals:
+            self.triggers.labels(signal=name)
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        self.batch_size.observe(stats.images)
+        self.compute.observe(stats.compute_s)
+        for q in stats.queued_s:
+            self.queued.observe(q)
+
+    def observe_result(self, result: GuardResult) -> None:
+        n_backdoor = int(result.backdoor.sum())
+        self.images.labels(verdict="backdoor").inc(n_backdoor)
+        self.images.labels(verdict="clean").inc(len(result.backdoor) - n_backdoor)
+        for name, signal in result.signals.items():
+            self.triggers.labels(signal=name).inc(int(signal.triggered.sum()))
+        for value in result.signals["strip"].evidence.get("entropy", []):
+            self.entropy.observe(float(value))

@@ -1,0 +1,70 @@
+"""KServe v2-style health and model metadata."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.errors import NotReady, UnknownModel, responses
+from service.runtime import RuntimeDep
+from service.schemas import Health, ModelMetadata
+
+router = APIRouter(prefix="/v2")
+
+
+@router.get("/health/live", response_model=Health, summary="The process is up")
+async def live() -> Health:
+    return Health(status="live")
+
+
+@router.get(
+    "/health/ready",
+    response_model=Health,
+    summary="Every model is loaded and a warm-up inference passed",
+    responses=responses(NotReady),
+)
+async def ready(runtime: RuntimeDep) -> Any:
+    if not runtime.ready:
+        detail = runtime.warmup_error or "warming up"
+        return JSONResponse(Health(status="not_ready", detail=detail).model_dump(), status_code=503)
+    return Health(status="ready")
+
+
+def _served_thresholds(runtime: RuntimeDep) -> dict[str, Any]:
+    """Thresholds as the service applies them (with overrides), without the fusion tables."""
+    out: dict[str, Any] = {"target_fpr": runtime.bundle.manifest["thresholds"]["target_fpr"]}
+    for signal in runtime.pipeline.signals:
+        out[signal.name] = {"threshold": signal.threshold} if signal.threshold is not None else {"rule": "label_change"}
+    strip = next(s for s in runtime.pipeline.signals if s.name == "strip")
+    out["strip"]["n"] = getattr(strip, "n", None)
+    assert runtime.pipeline.fusion is not None
+    out["fused"] = {"threshold": runtime.pipeline.fusion.threshold}
+    return out
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelMetadata,
+    summary="The guarded model: inputs, classes, thresholds and the Neural Cleanse scan",
+    responses=responses(UnknownModel, NotReady),
+)
+async def model_metadata(name: str, runtime: RuntimeDep) -> ModelMetadata:
+    manifest = runtime.bundle.manifest
+    if name != manifest["name"]:
+        raise UnknownModel(f"no model named {name!r}; this service guards {manifest['name']!r}")
+    classifier = manifest["files"]["classifier"]
+    metrics = {k: v for k, v in manifest.get("metrics", {}).items() if k != "stage_seconds"}
+    return ModelMetadata(
+        name=manifest["name"],
+        sha256=classifier["sha256"],
+        providers=runtime.bundle.sessions["classifier"].get_providers(),
+        inputs=classifier["inputs"],
+        outputs=classifier["outputs"],
+        preprocessing=manifest["preprocessing"],
+        class_names=manifest["class_names"],
+        thresholds=_served_thresholds(runtime),
+        neural_cleanse=manifest["neural_cleanse"],
+        metrics=metrics,
+    )

@@ -1,0 +1,78 @@
+"""What the lifespan builds once and routes receive by injection: bundle, pipeline, batcher, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, Request
+
+from service.batcher import MicroBatcher
+from service.bundle import Bundle, build_pipeline
+from service.errors import NotReady
+from service.guard import GuardPipeline
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    bundle: Bundle
+    pipeline: GuardPipeline
+    batcher: MicroBatcher
+    metrics: Metrics
+    ready: bool = False
+    warmup_error: str | None = None
+
+    @classmethod
+    def build(cls, settings: Settings, bundle: Bundle) -> Runtime:
+        pipeline = build_pipeline(bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels)
+        if settings.fused_threshold is not None and pipeline.fusion is not None:
+            pipeline.fusion = replace(pipeline.fusion, threshold=settings.fused_threshold)
+        if pipeline.fusion is None:
+            raise ValueError(f"{bundle.root} is not calibrated: run `python -m training calibrate`")
+        metrics = Metrics([s.name for s in pipeline.signals])
+        batcher = MicroBatcher(
+            pipeline.run, settings.max_batch, settings.max_delay_ms / 1000, settings.max_queue, metrics.observe_batch
+        )
+        metrics.model.info(
+            {
+                "name": bundle.manifest["name"],
+                "sha256": bundle.manifest["files"]["classifier"]["sha256"],
+                "provider": bundle.sessions["classifier"].get_providers()[0],
+            }
+        )
+        return cls(settings, bundle, pipeline, batcher, metrics)
+
+    async def warm_up(self) -> None:
+        """One guarded batch through the real path; ready only if it comes back finite."""
+        images = self.bundle.strip_bank[: min(8, self.settings.max_batch)]
+        try:
+            result = await self.batcher.submit(images)
+            if not np.isfinite(result.score).all():
+                raise ValueError("warm-up produced non-finite scores")
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # reported by /v2/health/ready
+            self.warmup_error = f"warm-up failed: {err}"
+            log.exception("warm-up failed; the service stays not ready")
+            return
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info("warm-up passed: ready")
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        raise NotReady("the models are not loaded")
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -1,0 +1,72 @@
+"""Response schemas of the API (`label` and `backdoor` are stable names clients depend on)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    name: str = Field(description="the bundle's name, e.g. fashion-mnist-kwon")
+    sha256: str = Field(description="SHA-256 of the guarded classifier's ONNX file")
+
+
+class Prediction(BaseModel):
+    label: int
+    class_name: str
+    confidence: float = Field(description="softmax probability of the label")
+
+
+class RestoredPrediction(Prediction):
+    image: str | None = Field(None, description="the de-triggered image, base64 PNG (with ?include=restored)")
+
+
+class ImageResult(BaseModel):
+    index: int = Field(description="position of the file in the request")
+    filename: str | None
+    label: int = Field(description="the label to trust: restored prediction if backdoor, else the original")
+    class_name: str
+    confidence: float
+    backdoor: bool = Field(description="the fused verdict: does this image carry a backdoor trigger?")
+    score: float = Field(
+        description="fused score in [0, 1]: the highest clean-calibration percentile reached by any signal"
+    )
+    threshold: float = Field(description="backdoor is true when score exceeds this")
+    original: Prediction = Field(description="the classifier on the image as sent")
+    restored: RestoredPrediction = Field(description="the classifier on the de-triggered image")
+    signals: dict[str, dict[str, Any]] = Field(
+        description="each signal's own verdict (`triggered`), its evidence, threshold and clean percentile",
+        examples=[
+            {
+                "detrigger": {"triggered": True, "label": 7, "class_name": "Sneaker", "confidence": 0.97},
+                "strip": {"triggered": True, "entropy": 0.02, "threshold": 0.31, "n": 32, "percentile": 1.0},
+            }
+        ],
+    )
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef
+    results: list[ImageResult]
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    sha256: str
+    platform: str = "onnxruntime"
+    providers: list[str]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    preprocessing: dict[str, Any]
+    class_names: list[str]
+    thresholds: dict[str, Any] = Field(description="per-signal thresholds and the fused one, as served")
+    neural_cleanse: dict[str, Any] = Field(
+        description="the scan: anomaly index and mask norm per label, flagged labels"
+    )
+    metrics: dict[str, Any] = Field(description="what the bundle's build measured on its test split")

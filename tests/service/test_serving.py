@@ -1,0 +1,132 @@
+"""The service as operators run it: metrics under promtool, batching under concurrency, the real process."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.bundle import Bundle, build_pipeline
+from service.preprocess import to_model_input
+from service.settings import Settings
+from tests.conftest import MODELS, ROOT
+from tests.service.conftest import files, png, wait_ready
+
+pytestmark = pytest.mark.data
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool: apt-get install prometheus")
+def test_metrics_pass_promtool(client: TestClient, samples: dict) -> None:
+    client.post("/classify", files=files(png(samples["clean"][0]), png(samples["triggered"][0])))
+    client.post("/classify", json={})
+    text = client.get("/metrics").text
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for name in (
+        "guard_requests_total", "guard_request_duration_seconds_bucket", "guard_queue_wait_seconds_bucket",
+        "guard_batch_compute_seconds_bucket", "guard_batch_size_images_bucket", "guard_images_total",
+        "guard_signal_triggers_total", "guard_strip_entropy_bucket", "guard_model_info", "guard_ready",
+    ):  # fmt: skip
+        assert re.search(rf"^{name}[{{ ]", text, re.M), name
+    assert 'guard_images_total{verdict="backdoor"}' in text
+    assert re.search(r'guard_requests_total\{route="/classify",status="415"\} [1-9]', text)
+
+
+def test_metrics_is_an_explicit_route(client: TestClient) -> None:
+    response = client.get("/metrics", follow_redirects=False)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order(samples: dict) -> None:
+    """24 clients at once, one image each: fewer batches than requests, and each gets its own image's answer."""
+    settings = Settings(models_dir=MODELS, max_delay_ms=50, max_batch=32)
+    images = np.concatenate([samples["clean"][:12], samples["triggered"][:12]])
+    expected = build_pipeline(Bundle.load(MODELS)).run(to_model_input(images))
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        runtime = c.app.state.runtime  # type: ignore[attr-defined]
+        before = runtime.metrics.batch_size.collect()[0].samples
+
+        def post(i: int) -> dict:
+            return c.post("/classify", files=files(png(images[i]), name=f"client{i}-")).json()["results"][0]
+
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(post, range(24)))
+        after = runtime.metrics.batch_size.collect()[0].samples
+    count = {s.name: s.value for s in after}["guard_batch_size_images_count"] - {s.name: s.value for s in before}[
+        "guard_batch_size_images_count"
+    ]
+    assert count < 24, "no two requests shared a batch"
+    for i, r in enumerate(results):
+        assert r["filename"] == f"client{i}-0.png"
+        assert r["label"] == expected.labels[i] and r["backdoor"] == expected.backdoor[i]
+        assert r["score"] == pytest.approx(expected.score[i], abs=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_service(env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service"], env={**os.environ, **env}, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_real_process_serves_and_stops(samples: dict) -> None:
+    port = free_port()
+    proc = run_service({"GUARD_HOST": "127.0.0.1", "GUARD_PORT": str(port)})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        response = httpx.post(f"http://127.0.0.1:{port}/classify", files=files(png(samples["triggered"][0])))
+        assert response.status_code == 200 and response.json()["results"][0]["backdoor"] is True
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)  # also closes the pipe
+    assert proc.returncode == 0, out
+
+
+@pytest.mark.slow
+def test_the_process_refuses_a_tampered_bundle(tmp_path: Path) -> None:
+    copy = tmp_path / "models"
+    shutil.copytree(MODELS, copy)
+    (copy / "strip_bank.npy").write_bytes(b"\x93NUMPY tampered")
+    proc = run_service({"GUARD_MODELS_DIR": str(copy), "GUARD_PORT": str(free_port())})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "strip_bank" in out and "SHA-256" in out
+
+
+def test_invalid_settings_stop_the_start_with_a_clear_message() -> None:
+    for env, words in (
+        ({"GUARD_PORT": "eighty"}, "GUARD_PORT"),
+        ({"GUARD_MAX_BATCH": "0"}, "GUARD_MAX_BATCH"),
+        ({"GUARD_MODELS_DIR": "/nonexistent"}, "manifest.json"),
+    ):
+        proc = run_service(env)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 2 and words in out, out
