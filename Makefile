@@ -7,8 +7,10 @@ GUARD_HOST ?= 0.0.0.0
 GUARD_PORT ?= 8000
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 export GUARD_HOST GUARD_PORT
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT = $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: serve test data bundle smoke lint clean
+.PHONY: serve test data system-deps bundle smoke lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,15 +30,18 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 data:
 	@if [ ! -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz ] && [ ! -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte ]; then \
 	  echo "Fashion-MNIST missing in $(FASHION_MNIST_DIR): installing Debian's dataset-fashion-mnist"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	  $(APT) dataset-fashion-mnist; \
 	fi
+
+# What the tests need beyond Python: the data, and promtool (Debian's prometheus) for the metrics check.
+system-deps: data
+	@command -v promtool >/dev/null || { echo "installing Debian's prometheus (promtool)"; $(APT) prometheus; }
 
 # The service needs only the `serve` extra: no torch at serve time.
 serve: $(VENV)/.serve-installed
 	$(BIN)/python -m service
 
-test: $(VENV)/.dev-installed data
+test: $(VENV)/.dev-installed system-deps
 	$(BIN)/python -m pytest
 
 # Rebuild the shipped bundle (about 20 minutes on 2 cores).

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     test = load_fashion_mnist(DataConfig(data_dir=args.data_dir)).test
     test = test.head(args.limit or len(test))
     with httpx.Client(base_url=args.url, timeout=120) as client:
