@@ -1,0 +1,78 @@
+"""MicroBatcher on a fake guard: batching, routing of rows back to their jobs, failure isolation."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.batcher import BatchStats, MicroBatcher
+from service.guard import GuardResult, Prediction, SignalResult
+
+
+def fake_guard(images: np.ndarray) -> GuardResult:
+    """Echoes each image's first pixel as its label; an image whose pixel is -1 poisons the batch."""
+    if (images[:, 0, 0, 0] == -1).any():
+        raise ValueError("poisoned batch")
+    ids = images[:, 0, 0, 0]
+    logits = np.eye(100)[ids.astype(int)]
+    pred = Prediction(logits, np.zeros((len(images), 1)))
+    signal = SignalResult(ids.copy(), np.zeros(len(ids), bool))
+    return GuardResult(pred, pred, images, {"detrigger": signal}, ids.copy(), np.zeros(len(ids), bool), ids, ids)
+
+
+def job(*ids: int) -> np.ndarray:
+    x = np.zeros((len(ids), 1, 2, 2), np.float32)
+    x[:, 0, 0, 0] = ids
+    return x
+
+
+async def run_jobs(jobs: list[np.ndarray], **kw: float) -> tuple[list, list[BatchStats]]:
+    stats: list[BatchStats] = []
+    batcher = MicroBatcher(
+        fake_guard, on_batch=stats.append, **{"max_batch": 8, "max_delay_s": 0.05, "max_queue": 100, **kw}
+    )
+    batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit(j) for j in jobs), return_exceptions=True)
+    finally:
+        await batcher.stop()
+    return results, stats
+
+
+def test_rows_go_back_to_their_own_jobs_and_batches_fill() -> None:
+    jobs = [job(1, 2), job(3), job(4, 5, 6), job(7), job(8, 9)]
+    results, stats = asyncio.run(run_jobs(jobs))
+    for j, r in zip(jobs, results, strict=True):
+        np.testing.assert_array_equal(r.labels, j[:, 0, 0, 0])
+    assert sum(s.images for s in stats) == 9
+    assert len(stats) == 2 and max(s.images for s in stats) <= 8  # 9 images, batches of at most 8
+
+
+def test_one_failing_job_fails_alone() -> None:
+    jobs = [job(1), job(-1, 2), job(3)]
+    results, _ = asyncio.run(run_jobs(jobs))
+    assert isinstance(results[1], ValueError)
+    np.testing.assert_array_equal(results[0].labels, [1])
+    np.testing.assert_array_equal(results[2].labels, [3])
+
+
+def test_a_job_larger_than_a_batch_still_runs() -> None:
+    results, stats = asyncio.run(run_jobs([job(*range(1, 12))], max_batch=4))
+    np.testing.assert_array_equal(results[0].labels, range(1, 12))
+    assert stats[0].images == 11
+
+
+def test_queue_limit() -> None:
+    from service.errors import Overloaded
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(fake_guard, max_batch=8, max_delay_s=0.0, max_queue=3)
+        batcher.start()
+        try:
+            with pytest.raises(Overloaded):
+                await batcher.submit(job(1, 2, 3, 4))
+            assert (await batcher.submit(job(1, 2, 3))).labels.tolist() == [1, 2, 3]
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
