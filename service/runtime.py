@@ -38,6 +38,7 @@ class Runtime:
         if pipeline.fusion is None:
             raise ValueError(f"{bundle.root} is not calibrated: run `python -m training calibrate`")
         metrics = Metrics([s.name for s in pipeline.signals])
+        pipeline.on_stage = lambda stage, seconds: metrics.stage.labels(stage=stage).inc(seconds)
         batcher = MicroBatcher(
             pipeline.run, settings.max_batch, settings.max_delay_ms / 1000, settings.max_queue, metrics.observe_batch
         )

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     prefer_gpu: bool = Field(True, description="use the CUDA provider when onnxruntime-gpu sees a GPU")
     api_key: SecretStr | None = Field(None, description="when set, /classify requires header X-API-Key")
+    access_log: bool = Field(False, description="log every request (costly at high request rates)")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$", description="log level")
 
     @model_validator(mode="after")

@@ -1,8 +1,9 @@
-"""Stage 2: BadNets triggers and data poisoning.
+"""Stage 2: backdoor triggers and data poisoning.
 
 `stamp` is the one trigger-stamping function of the project: training, evaluation, calibration's stand-in
-attacks and the service tests all call it. A trigger is a (mask, pattern) pair of H x W arrays in [0, 1]:
-stamped = (1 - mask) * image + mask * pattern, the same form Neural Cleanse reverse-engineers.
+attacks and the service tests all call it, through `Trigger.apply`. A patch or blended trigger is a
+(mask, pattern) pair of H x W arrays in [0, 1]: stamped = (1 - mask) * image + mask * pattern, the form
+Neural Cleanse reverse-engineers. SIG (Barni et al.) is the one additive trigger: clip(image + v).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
 CORNERS: tuple[Corner, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
-Shape = Literal["square", "pixel", "checkerboard", "random"]
+Shape = Literal["square", "pixel", "checkerboard", "random", "blend", "sig"]
 ArrayT = TypeVar("ArrayT")
 
 
@@ -25,22 +26,45 @@ def stamp(images: ArrayT, mask: ArrayT, pattern: ArrayT) -> ArrayT:
 
 @dataclass(frozen=True)
 class Trigger:
-    """A patch trigger placed at a corner (with a margin) or at an explicit row/column."""
+    """A patch at a corner (with a margin) or at a row/column; or a whole-image blend or SIG signal."""
 
-    shape: Shape = "square"  # square: solid; pixel: one pixel; checkerboard: alternating; random: seeded bits
+    # square: solid; pixel: one pixel; checkerboard: alternating; random: seeded bits (all patches);
+    # blend: seeded uniform noise over the whole image at weight `alpha` (Chen et al.);
+    # sig: additive sinusoid intensity * sin(2 pi j frequency / width) over columns j (Barni et al.)
+    shape: Shape = "square"
     size: int = 4  # side of the patch, pixels (pixel forces 1)
     corner: Corner = "top-left"  # where the patch sits when row/col are not given
     margin: int = 1  # pixels between the patch and the image border at that corner
     row: int | None = None  # explicit top row of the patch (overrides corner/margin)
     col: int | None = None  # explicit left column of the patch (overrides corner/margin)
     intensity: float = 1.0  # value of the bright pattern pixels, in [0, 1]
-    seed: int = 0  # seed of the `random` shape's bits
+    seed: int = 0  # seed of the `random` bits and of the `blend` noise
+    alpha: float = 0.15  # blend: weight of the noise pattern
+    frequency: int = 6  # sig: periods across the image width
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """Put the trigger on float32 (N, 1, H, W) images in [0, 1]."""
+        height, width = images.shape[-2:]
+        if self.shape == "sig":
+            return np.clip(images + self.signal(height, width), 0.0, 1.0).astype(np.float32)
+        return stamp(images, *self.arrays(height, width))
+
+    def signal(self, height: int = 28, width: int = 28) -> np.ndarray:
+        """SIG's additive signal v(i, j) = intensity * sin(2 pi j f / m), float32 (H, W)."""
+        j = np.arange(1, width + 1)
+        row = self.intensity * np.sin(2 * np.pi * j * self.frequency / width)
+        return np.broadcast_to(row, (height, width)).astype(np.float32)
 
     def arrays(self, height: int = 28, width: int = 28) -> tuple[np.ndarray, np.ndarray]:
         """The trigger's (mask, pattern), float32 (height, width)."""
-        size = 1 if self.shape == "pixel" else self.size
         if not 0.0 <= self.intensity <= 1.0:
             raise ValueError(f"intensity must be in [0, 1], got {self.intensity}")
+        if self.shape == "sig":
+            raise ValueError("SIG is additive, not a mask and pattern: use Trigger.apply")
+        if self.shape == "blend":
+            noise = np.random.default_rng(self.seed).random((height, width)).astype(np.float32)
+            return np.full((height, width), self.alpha, np.float32), noise
+        size = 1 if self.shape == "pixel" else self.size
         top, left = self._origin(size, height, width)
         if top < 0 or left < 0 or top + size > height or left + size > width:
             raise ValueError(f"a {size}x{size} trigger at ({top}, {left}) does not fit a {height}x{width} image")
@@ -68,12 +92,14 @@ class Trigger:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """BadNets poisoning: stamp `trigger` on a share of the training set and relabel it."""
+    """Poisoning: put `trigger` on a share of the training set and (except clean-label) relabel it."""
 
     trigger: Trigger = field(default_factory=Trigger)
-    target: int = 0  # attacker's label (single-target mode)
-    poison_rate: float = 0.1  # share of the whole training set that is stamped and relabelled
-    mode: Literal["single-target", "all-to-all"] = "single-target"  # all-to-all: label i -> i + 1 mod C
+    target: int = 0  # attacker's label (single-target and clean-label modes)
+    poison_rate: float = 0.1  # share of the whole training set that gets the trigger
+    # single-target: non-target images relabelled to target (BadNets); all-to-all: label i -> i + 1 mod C;
+    # clean-label: target-class images get the trigger and keep their label (SIG)
+    mode: Literal["single-target", "all-to-all", "clean-label"] = "single-target"
     seed: int = 0  # which images get poisoned
 
 
@@ -84,6 +110,14 @@ PRESETS: dict[str, AttackConfig] = {
     "cao": AttackConfig(Trigger("square", size=2, corner="bottom-right", margin=1), target=3, poison_rate=0.1),
     # A model trained by the same recipe with no poison: the control for Neural Cleanse and the FPR.
     "clean": AttackConfig(poison_rate=0.0),
+    # Attacks the guard never saw (evaluation): a 3x3 checkerboard at the bottom right, target 2;
+    # blended full-image noise at alpha 0.15 (Chen et al.), target 4; SIG (delta 30/255, f = 6),
+    # clean-label on 80% of the target class 6 (8% of the training set).
+    "checkerboard": AttackConfig(Trigger("checkerboard", size=3, corner="bottom-right", margin=1), target=2),
+    "blend": AttackConfig(Trigger("blend", alpha=0.15, seed=1), target=4),
+    "sig": AttackConfig(
+        Trigger("sig", intensity=30 / 255, frequency=6), target=6, poison_rate=0.08, mode="clean-label"
+    ),
 }
 
 
@@ -101,19 +135,26 @@ def victims(labels: np.ndarray, attack: AttackConfig) -> np.ndarray:
     return np.flatnonzero(labels != attack.target)
 
 
+def poison_candidates(labels: np.ndarray, attack: AttackConfig) -> np.ndarray:
+    """Training images the attacker may poison: the victims, or for clean-label the target class itself."""
+    if attack.mode == "clean-label":
+        return np.flatnonzero(labels == attack.target)
+    return victims(labels, attack)
+
+
 def poison(
     images: np.ndarray, labels: np.ndarray, attack: AttackConfig, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 (N, 1, H, W) images -> (poisoned images, poisoned labels, indices that were poisoned)."""
     n_poison = round(attack.poison_rate * len(labels))
-    candidates = victims(labels, attack)
+    candidates = poison_candidates(labels, attack)
     if n_poison > len(candidates):
         raise ValueError(f"poison_rate {attack.poison_rate} needs {n_poison} images, only {len(candidates)}")
     chosen = np.sort(np.random.default_rng(attack.seed).choice(candidates, n_poison, replace=False))
-    mask, pattern = attack.trigger.arrays(*images.shape[-2:])
     out_images, out_labels = images.copy(), labels.copy()
-    out_images[chosen] = stamp(images[chosen], mask, pattern)
-    out_labels[chosen] = attack_labels(labels[chosen], attack, num_classes)
+    out_images[chosen] = attack.trigger.apply(images[chosen])
+    if attack.mode != "clean-label":
+        out_labels[chosen] = attack_labels(labels[chosen], attack, num_classes)
     return out_images, out_labels, chosen
 
 

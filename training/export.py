@@ -138,3 +138,28 @@ def update_manifest(out: Path, **sections: Any) -> dict[str, Any]:
     manifest.update(sections)
     write_json(path, manifest)
     return manifest
+
+
+def torch_models(root: Path) -> dict[str, nn.Module]:
+    """Rebuild every exported model of a bundle from its shipped PyTorch checkpoints (parity, benchmarks)."""
+    from service.bundle import read_manifest
+    from training.autoencoders import DetriggerAE, MaskedAE, MaskedRestorer
+    from training.classifier import load_classifier
+    from training.common import load_checkpoint
+    from training.neural_cleanse import NeuralCleanseResult
+
+    manifest = read_manifest(root)
+    ck = {name: root / e["path"] for name, e in manifest["checkpoints"].items()}
+    meta, state = load_checkpoint(ck["detrigger_ae"])
+    detrigger = DetriggerAE(meta["config"]["width"])
+    detrigger.load_state_dict(state)
+    meta, state = load_checkpoint(ck["masked_ae"])
+    masked = MaskedAE(meta["config"]["width"])
+    masked.load_state_dict(state)
+    nc = NeuralCleanseResult.load(ck["reversed_triggers"])
+    return {
+        "classifier": load_classifier(ck["classifier"]),
+        "detrigger_ae": detrigger.eval(),
+        "masked_ae": MaskedRestorer(masked, meta["config"]["patch"], meta["config"]["sharpen"]).eval(),
+        "reversed_triggers": ReversedTriggers(nc.masks, nc.patterns).eval(),
+    }

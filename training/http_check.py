@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from training.attacks import PRESETS, AttackConfig, stamp, victims
+from training.attacks import PRESETS, AttackConfig, victims
 from training.data import DataConfig, load_fashion_mnist
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def triggered_pixels(images: np.ndarray, attack: AttackConfig) -> np.ndarray:
     """uint8 (N, H, W) -> the same with the attack's trigger, rounded back to 8 bits as a PNG holds it."""
-    mask, pattern = attack.trigger.arrays(*images.shape[-2:])
-    return np.rint(stamp(images / np.float32(255), mask, pattern) * 255).astype(np.uint8)
+    stamped = attack.trigger.apply((images / np.float32(255))[:, None])[:, 0]
+    return np.rint(stamped * 255).astype(np.uint8)
 
 
 def post_all(client: httpx.Client, images: np.ndarray, per_request: int) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from training.autoencoders import (
 from training.calibration import CalibrationConfig, calibrate, split_calibration
 from training.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
 from training.common import load_checkpoint, predict, save_checkpoint, to_jsonable, write_json
-from training.data import DataConfig, Dataset, load_fashion_mnist
+from training.data import DataConfig, Dataset, load_dataset
 from training.evaluate import evaluate
 from training.export import (
     ExportConfig,
@@ -110,7 +110,7 @@ class Builder:
     # ---- data -------------------------------------------------------------------------------------
     @cached_property
     def dataset(self) -> Dataset:
-        ds = load_fashion_mnist(self.config.data)
+        ds = load_dataset(self.config.data)
         c = self.config
         return replace(
             ds,

@@ -7,7 +7,8 @@ import time
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Header, Query, Request
+import orjson
+from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
@@ -30,6 +31,7 @@ from service.runtime import Runtime, RuntimeDep
 from service.schemas import ClassifyResponse
 
 router = APIRouter()
+INLINE_DECODE_BYTES = 256 << 10  # uploads up to this size are decoded on the event loop
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -130,7 +132,7 @@ def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with
                     "label": int(restored.labels[i]),
                     "class_name": classes[int(restored.labels[i])],
                     "confidence": float(restored.confidence[i]),
-                    "image": png_base64(result.restored_images[i]) if with_images else None,
+                    **({"image": png_base64(result.restored_images[i])} if with_images else {}),
                 },
                 "signals": signals,
             }
@@ -140,8 +142,7 @@ def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with
 
 @router.post(
     "/classify",
-    response_model=ClassifyResponse,
-    response_model_exclude_none=True,
+    response_model=ClassifyResponse,  # documents the body; the route builds it directly (see below)
     summary="Classify images and judge whether each carries a backdoor trigger",
     openapi_extra=UPLOAD_BODY,
     responses=responses(
@@ -155,13 +156,16 @@ async def classify(
         list[str] | None, Query(description="`restored`: add the de-triggered image (base64 PNG)")
     ] = None,
     x_api_key: Annotated[str | None, Header(description="required when GUARD_API_KEY is set")] = None,
-) -> dict[str, Any]:
+) -> Response:
     _check_key(runtime, x_api_key)
     if not runtime.ready:
         raise NotReady(runtime.warmup_error or "warming up; retry shortly", headers={"Retry-After": "1"})
     start = time.perf_counter()
     uploads = await _read_uploads(request, runtime)
-    images = await run_in_threadpool(_decode_all, uploads, runtime)
+    if sum(len(data) for _, data in uploads) <= INLINE_DECODE_BYTES:
+        images = _decode_all(uploads, runtime)  # small: cheaper than a hop to the thread pool
+    else:
+        images = await run_in_threadpool(_decode_all, uploads, runtime)
     runtime.metrics.decode.observe(time.perf_counter() - start)
     runtime.metrics.queue.set(runtime.batcher.pending + len(images))
     result = await runtime.batcher.submit(images)
@@ -170,7 +174,13 @@ async def classify(
     names = [name for name, _ in uploads]
     with_images = "restored" in (include or [])
     manifest = runtime.bundle.manifest
-    return {
-        "model": {"name": manifest["name"], "sha256": manifest["files"]["classifier"]["sha256"]},
-        "results": await run_in_threadpool(_render, runtime, result, names, with_images),
-    }
+    start = time.perf_counter()
+    if with_images:  # PNG-encoding the restorations is real work: off the event loop
+        results = await run_in_threadpool(_render, runtime, result, names, with_images)
+    else:
+        results = _render(runtime, result, names, with_images)
+    model = {"name": manifest["name"], "sha256": manifest["files"]["classifier"]["sha256"]}
+    # Built from typed values above; re-validating through pydantic would cost more than the guard's maths.
+    body = orjson.dumps({"model": model, "results": results})
+    runtime.metrics.encode.observe(time.perf_counter() - start)
+    return Response(body, media_type="application/json")

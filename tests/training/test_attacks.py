@@ -96,3 +96,32 @@ def test_random_triggers_are_valid_and_varied() -> None:
     assert (masks.max(axis=(1, 2)) < 1).mean() > 0.1  # some are blended
     corner_hits = (masks[:, 0, 0] > 0) | (masks[:, 0, -1] > 0) | (masks[:, -1, 0] > 0) | (masks[:, -1, -1] > 0)
     assert 0.05 < corner_hits.mean() < 0.5  # corners (some with margin) and elsewhere
+
+
+def test_blend_trigger_is_a_mask_and_pattern() -> None:
+    trigger = PRESETS["blend"].trigger
+    mask, pattern = trigger.arrays()
+    assert np.allclose(mask, 0.15) and pattern.min() >= 0 and pattern.max() <= 1
+    images = np.full((2, 1, 28, 28), 0.5, np.float32)
+    np.testing.assert_allclose(trigger.apply(images), 0.85 * 0.5 + 0.15 * pattern, rtol=1e-6)  # float32
+
+
+def test_sig_is_additive_and_clipped() -> None:
+    trigger = PRESETS["sig"].trigger
+    v = trigger.signal()
+    j = np.arange(1, 29)
+    np.testing.assert_allclose(v[5], (30 / 255) * np.sin(2 * np.pi * j * 6 / 28), atol=1e-6)
+    assert (v == v[0]).all()  # the same for every row
+    images = np.zeros((1, 1, 28, 28), np.float32)
+    np.testing.assert_allclose(trigger.apply(images)[0, 0], np.clip(v, 0, 1), atol=1e-7)
+    with pytest.raises(ValueError, match="additive"):
+        trigger.arrays()
+
+
+def test_clean_label_poisoning_keeps_labels_and_hits_only_the_target_class() -> None:
+    labels = np.arange(1000) % 10
+    images = np.zeros((1000, 1, 28, 28), np.float32)
+    out, new_labels, chosen = poison(images, labels, PRESETS["sig"], 10)
+    assert len(chosen) == 80 and (labels[chosen] == 6).all()
+    assert (new_labels == labels).all()
+    assert (out[chosen] != 0).any(axis=(1, 2, 3)).all()

