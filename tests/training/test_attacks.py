@@ -103,7 +103,8 @@ def test_blend_trigger_is_a_mask_and_pattern() -> None:
     mask, pattern = trigger.arrays()
     assert np.allclose(mask, 0.15) and pattern.min() >= 0 and pattern.max() <= 1
     images = np.full((2, 1, 28, 28), 0.5, np.float32)
-    np.testing.assert_allclose(trigger.apply(images), 0.85 * 0.5 + 0.15 * pattern, rtol=1e-6)  # float32
+    expected = np.broadcast_to(0.85 * 0.5 + 0.15 * pattern, images.shape)
+    np.testing.assert_allclose(trigger.apply(images), expected, rtol=1e-6)  # float32 arithmetic
 
 
 def test_sig_is_additive_and_clipped() -> None:
