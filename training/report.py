@@ -59,7 +59,7 @@ def render(manifest: dict[str, Any]) -> str:
         f"# Guard bundle `{manifest['name']}`",
         "",
         f"Written by `{manifest['build']['command']}`; every figure below is measured by it with ONNX Runtime",
-        "through the service's own guard pipeline on the Fashion-MNIST test split "
+        f"through the service's own guard pipeline on the {manifest['dataset']} test split "
         f"({m['images']['clean']} clean images, {m['images']['triggered']} triggered non-target images).",
         "",
         "## The bars",

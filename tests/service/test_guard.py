@@ -74,15 +74,25 @@ def test_strip_signal_matches_the_paper_loop() -> None:
 
 
 def test_fusion_takes_the_largest_percentile() -> None:
-    levels = np.array([0.0, 0.5, 1.0])
-    fusion = Fusion(levels, {"a": np.array([0.0, 1.0, 2.0]), "b": np.array([10.0, 20.0, 30.0])}, threshold=0.9)
+    levels = np.array([0.0, 0.25, 0.5])
+    quantiles = {"a": np.array([0.0, 1.0, 2.0]), "b": np.array([10.0, 20.0, 30.0])}
+    fusion = Fusion(levels, quantiles, {"a": 1.0, "b": 10.0}, threshold=0.9)
     from service.guard import SignalResult
 
     results = {
-        "a": SignalResult(np.array([0.5, 1.5, 5.0, -1.0]), np.zeros(4, bool)),
+        "a": SignalResult(np.array([0.5, 1.5, 3.0, -1.0]), np.zeros(4, bool)),
         "b": SignalResult(np.array([10.0, 10.0, 10.0, 25.0]), np.zeros(4, bool)),
     }
-    np.testing.assert_allclose(fusion.score(results), [0.25, 0.75, 1.0, 0.75])
+    # body: linear in the table; tail above 2.0: 1 - 0.5 * exp(-(3 - 2) / 1)
+    np.testing.assert_allclose(fusion.score(results), [0.125, 0.375, 1 - 0.5 * np.exp(-1), 0.375])
+
+
+def test_fusion_tail_is_continuous_and_keeps_order_past_the_table() -> None:
+    fusion = Fusion(np.array([0.0, 0.9]), {"a": np.array([0.0, 1.0])}, {"a": 0.5}, threshold=0.99)
+    scores = np.array([1.0, 1.0 + 1e-9, 2.0, 3.0, 50.0])
+    p = fusion.percentile("a", scores)
+    assert p[0] == pytest.approx(0.9) and p[1] == pytest.approx(0.9)
+    assert np.all(np.diff(p) > 0) and p[-1] < 1.0 + 1e-12  # strictly increasing: no tie at 1.0
 
 
 def make_pipeline(fusion: Fusion | None) -> GuardPipeline:
@@ -112,9 +122,11 @@ def test_pipeline_label_policy_and_shapes() -> None:
     assert np.isnan(uncalibrated.score).all() and not uncalibrated.backdoor.any()
     np.testing.assert_array_equal(uncalibrated.labels, uncalibrated.original.labels)
 
-    levels = np.linspace(0, 1, 3)
-    quantiles = {name: np.array([-1e9, 0.0, 1e9]) for name in ("detrigger", "masked_ae", "strip", "activation")}
-    guarded = make_pipeline(Fusion(levels, quantiles, threshold=0.0)).run(x)  # everything is "suspicious"
+    levels = np.linspace(0, 0.9, 3)
+    names = ("detrigger", "masked_ae", "strip", "activation")
+    quantiles = {name: np.array([-1e9, 0.0, 1e9]) for name in names}
+    fusion = Fusion(levels, quantiles, dict.fromkeys(names, 1.0), threshold=0.0)
+    guarded = make_pipeline(fusion).run(x)  # everything is "suspicious"
     assert guarded.backdoor.all()
     np.testing.assert_array_equal(guarded.labels, guarded.restored.labels)
     np.testing.assert_array_equal(guarded.restored.labels, linear_classify(guarded.restored_images)[0].argmax(1))
