@@ -261,19 +261,22 @@ def nc_summary(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def choose_n(rows: list[dict[str, float]], current: int) -> str:
-    """The smallest N within half a point of the best TPR, against the bundle's N: a sentence."""
-    best = max(r["tpr"] for r in rows)
-    good = min((r for r in rows if r["tpr"] >= best - 0.005), key=lambda r: r["n"])
-    now = next(r for r in rows if r["n"] == current)
+    """Weigh STRIP's separation (AUROC, threshold-free) against its cost, around the bundle's N: a sentence."""
+    by_n = {int(r["n"]): r for r in rows}
+    now, best = by_n[current], max(rows, key=lambda r: r["auroc"])
+    enough = min((r for r in rows if r["auroc"] >= best["auroc"] - 0.001), key=lambda r: r["n"])
     return (
-        f"The smallest N within half a point of the best TPR ({100 * best:.2f}%) is N = {good['n']} "
-        f"({good['ms_per_image']:.2f} ms per image); the bundle calibrates N = {current} "
-        f"(TPR {100 * now['tpr']:.2f}%, {now['ms_per_image']:.2f} ms per image). "
+        f"Separation (AUROC) plateaus from N = {enough['n']} (within 0.001 of the best, {best['auroc']:.4f} at "
+        f"N = {best['n']}); the TPR at a fixed 1% FRR moves more than the AUROC because the paper's normal fit "
+        f"misplaces the threshold on a skewed entropy distribution. The bundle's N = {current} "
+        f"(AUROC {now['auroc']:.4f}, {now['ms_per_image']:.2f} ms per image) "
         + (
-            "The default stays."
-            if good["n"] >= current
-            else f"N = {good['n']} would cut STRIP's cost by {now['ms_per_image'] / good['ms_per_image']:.1f}x; "
-            "the fused verdict does not depend on STRIP alone, so the default N stays calibrated as shipped."
+            "is on the plateau at the least cost there, so the default stays."
+            if enough["n"] == current
+            else f"keeps STRIP at {now['ms_per_image'] / enough['ms_per_image']:.1f}x the cost of N = {enough['n']} "
+            f"for {now['auroc'] - enough['auroc']:+.4f} AUROC; the fused verdict, not STRIP alone, decides, so "
+            "the default stays at the calibrated N (a smaller N needs the bundle re-calibrated: "
+            "`python -m training calibrate --strip-n N`)."
         )
     )
 
@@ -314,7 +317,9 @@ def _why(name: str, m: dict[str, Any]) -> str:
             f"The AE learned to remove patches, not a full-image pattern: the flag rule fires on only "
             f"{pct(d['tpr'])}. The dirty-label blend is learned so strongly that it still decides every "
             f"superimposed copy, so STRIP catches {pct(s['tpr'])}; activation {pct(a['tpr'])}. "
-            f"Fused: {pct(f['tpr'])}."
+            f"Fused: {pct(f['tpr'])}. Detected, but the label is not recovered: restoration leaves the blend, and "
+            f"with no label flagged there is none to withhold, so flagged images keep the attacker's label "
+            f"(attack success after the guard {pct(f['attack_success_after'])})."
         )
     return (
         f"SIG is a faint additive signal over the whole image and its clean-label backdoor is weaker (attack "
@@ -322,7 +327,8 @@ def _why(name: str, m: dict[str, Any]) -> str:
         f"{pct(d['tpr'])}), and in a superimposed copy the overlay's own content outweighs it, so the copies "
         f"disagree and STRIP's entropy stays clean-like ({pct(s['tpr'])}). Neural Cleanse's patch-shaped "
         f"reversed trigger excites other neurons than the sinusoid (activation {pct(a['tpr'])}). Fused: "
-        f"{pct(f['tpr'])}: this attack is the guard's blind spot."
+        f"{pct(f['tpr'])}: this attack is the guard's blind spot (attack success after the guard "
+        f"{pct(f['attack_success_after'])})."
     )
 
 

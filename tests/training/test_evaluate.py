@@ -18,14 +18,15 @@ def test_roc_points_end_at_one() -> None:
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
 
 
-def test_choose_n_picks_the_smallest_good_n() -> None:
+def test_choose_n_weighs_the_auroc_plateau_against_cost() -> None:
     rows = [
-        {"n": 4, "tpr": 0.90, "ms_per_image": 0.5},
-        {"n": 8, "tpr": 0.953, "ms_per_image": 1.0},
-        {"n": 32, "tpr": 0.955, "ms_per_image": 4.0},
+        {"n": 4, "auroc": 0.990, "ms_per_image": 0.5},
+        {"n": 8, "auroc": 0.9975, "ms_per_image": 1.0},
+        {"n": 32, "auroc": 0.998, "ms_per_image": 4.0},
     ]
     sentence = choose_n(rows, current=32)
-    assert "N = 8" in sentence and "4.0x" in sentence
+    assert "plateaus from N = 8" in sentence and "4.0x the cost of N = 8" in sentence
+    assert "the default stays." in choose_n(rows[:1] + rows[2:], current=32)
 
 
 def test_nc_summary_reports_the_largest_small_norm_index() -> None:
