@@ -94,6 +94,9 @@ class Bundle:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0 = ONNX Runtime's default (all cores)
         options.inter_op_num_threads = 1
+        # Spinning intra-op threads keep both cores busy between runs and starve the event loop that
+        # parses the next requests; without spinning, batches fill while the previous one computes.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = providers(prefer_gpu)
         sessions = {
             name: ort.InferenceSession(str(root / manifest["files"][name]["path"]), options, providers=chosen)
