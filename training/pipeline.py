@@ -270,6 +270,7 @@ class Builder:
             **bundle.manifest.get("metrics", {}).get("stage_seconds", {}),
             **self.timings,
         }
+        metrics["command"] = " ".join(["python -m training", *sys.argv[1:]])
         manifest = update_manifest(self.out, metrics=metrics)
         report.write(self.out / "report.md", manifest)
 

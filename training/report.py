@@ -58,7 +58,8 @@ def render(manifest: dict[str, Any]) -> str:
     lines = [
         f"# Guard bundle `{manifest['name']}`",
         "",
-        f"Written by `{manifest['build']['command']}`; every figure below is measured by it with ONNX Runtime",
+        f"Built by `{manifest['build']['command']}`; every figure below was measured by "
+        f"`{m.get('command', manifest['build']['command'])}` with ONNX Runtime",
         f"through the service's own guard pipeline on the {manifest['dataset']} test split "
         f"({m['images']['clean']} clean images, {m['images']['triggered']} triggered non-target images).",
         "",
