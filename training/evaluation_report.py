@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from training.evaluate import Outcome, pct
+from training.metrics import Outcome, pct
 
 SIGNALS = ("detrigger", "masked_ae", "strip", "activation", "fused")
 

@@ -31,7 +31,6 @@ from training.calibration import CalibrationConfig, calibrate, split_calibration
 from training.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
 from training.common import load_checkpoint, predict, save_checkpoint, to_jsonable, write_json
 from training.data import DataConfig, Dataset, load_dataset
-from training.evaluate import evaluate
 from training.export import (
     ExportConfig,
     ReversedTriggers,
@@ -40,6 +39,7 @@ from training.export import (
     update_manifest,
     write_bank,
 )
+from training.metrics import evaluate
 from training.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, run_neural_cleanse
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from training.evaluate import auroc, choose_n, nc_summary
+from training.evaluate import choose_n, nc_summary
 from training.evaluation_report import roc_points
+from training.metrics import auroc
 
 
 def test_auroc_hand_computed_with_ties() -> None:

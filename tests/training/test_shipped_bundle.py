@@ -9,7 +9,7 @@ from service.preprocess import to_model_input
 from tests.bundle_checks import REQUIRED_KEYS, parity_gaps
 from tests.conftest import MODELS
 from training.attacks import PRESETS
-from training.evaluate import evaluate
+from training.metrics import evaluate
 from training.report import bars
 
 SUBSET = 2000  # test images; the report in models/ has the full 10,000
