@@ -36,7 +36,7 @@ import torch
 
 from service.bundle import Bundle
 from service.preprocess import to_model_input
-from training.attacks import PRESETS
+from training.attacks import PRESETS, triggered_pixels
 from training.classifier import load_classifier
 from training.data import DataConfig, load_dataset
 from training.export import torch_models
@@ -298,8 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     n = int(bundle.manifest["configs"]["strip"]["n"])
     ds = load_dataset(DataConfig())
     kwon = PRESETS["kwon"]
-    triggered = kwon.trigger.apply(to_model_input(ds.test.images[1:2]))
-    png = encode_png(np.rint(triggered[0, 0] * 255).astype(np.uint8))
+    png = encode_png(triggered_pixels(ds.test.images[1:2], kwon)[0])
     images = to_model_input(ds.test.images[: args.images])
     calibration = to_model_input(ds.calibration.images[: args.images])
 

@@ -121,6 +121,12 @@ PRESETS: dict[str, AttackConfig] = {
 }
 
 
+def triggered_pixels(images: np.ndarray, attack: AttackConfig) -> np.ndarray:
+    """uint8 (N, H, W) -> the same with the attack's trigger, rounded back to 8 bits as a PNG holds it."""
+    stamped = attack.trigger.apply((images / np.float32(255))[:, None])[:, 0]
+    return np.rint(stamped * 255).astype(np.uint8)
+
+
 def attack_labels(labels: np.ndarray, attack: AttackConfig, num_classes: int) -> np.ndarray:
     """The label the attacker wants for each (true) label."""
     if attack.mode == "all-to-all":

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from training.attacks import PRESETS, AttackConfig, victims
+from training.attacks import PRESETS, AttackConfig, triggered_pixels, victims
 from training.data import DataConfig, load_fashion_mnist
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,6 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def triggered_pixels(images: np.ndarray, attack: AttackConfig) -> np.ndarray:
-    """uint8 (N, H, W) -> the same with the attack's trigger, rounded back to 8 bits as a PNG holds it."""
-    stamped = attack.trigger.apply((images / np.float32(255))[:, None])[:, 0]
-    return np.rint(stamped * 255).astype(np.uint8)
 
 
 def post_all(client: httpx.Client, images: np.ndarray, per_request: int) -> list[dict[str, Any]]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
+from training.metrics import pct
 
 
 def _check(ok: bool) -> str:
@@ -69,7 +67,7 @@ def render(manifest: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for what, value, bar, ok in bars(manifest):
-        shown = f"{value:.2e}" if "parity" in what else f"{value:.2f}" if "Neural" in what else _pct(value)
+        shown = f"{value:.2e}" if "parity" in what else f"{value:.2f}" if "Neural" in what else pct(value)
         lines.append(f"| {what} | {shown} | {bar} | {_check(ok)} |")
     d = m["detrigger"]
     lines += [
@@ -78,25 +76,25 @@ def render(manifest: dict[str, Any]) -> str:
         "",
         "| | Kwon 2021 (paper) | this bundle |",
         "|---|---|---|",
-        f"| detection (flag rule) | 82.3% | {_pct(d['tpr'])} |",
-        f"| clean accuracy after the AE | 89.6% | {_pct(d['clean_accuracy_after'])} |",
-        "| false-positive rate of the flag rule | not reported | " + _pct(d["fpr"]) + " |",
+        f"| detection (flag rule) | 82.3% | {pct(d['tpr'])} |",
+        f"| clean accuracy after the AE | 89.6% | {pct(d['clean_accuracy_after'])} |",
+        "| false-positive rate of the flag rule | not reported | " + pct(d["fpr"]) + " |",
         "",
-        f"## Every signal (thresholds at {_pct(th['target_fpr'])} clean FPR on the calibration split)",
+        f"## Every signal (thresholds at {pct(th['target_fpr'])} clean FPR on the calibration split)",
         "",
         "| signal | FPR (clean) | TPR (triggered) | AUROC |",
         "|---|---|---|---|",
     ]
     for name in ("detrigger", "masked_ae", "strip", "activation", "fused"):
         s = m[name]
-        lines.append(f"| {name} | {_pct(s['fpr'])} | {_pct(s['tpr'])} | {s['auroc']:.4f} |")
+        lines.append(f"| {name} | {pct(s['fpr'])} | {pct(s['tpr'])} | {s['auroc']:.4f} |")
     f = m["fused"]
     lines += [
         "",
-        f"With the fused verdict and its label policy: clean accuracy {_pct(f['clean_accuracy'])} "
-        f"(undefended {_pct(m['classifier']['clean_accuracy'])}), triggered images given their true label "
-        f"{_pct(f['triggered_accuracy'])}, given the attacker's label {_pct(f['attack_success_after'])} "
-        f"(undefended {_pct(m['classifier']['attack_success'])}).",
+        f"With the fused verdict and its label policy: clean accuracy {pct(f['clean_accuracy'])} "
+        f"(undefended {pct(m['classifier']['clean_accuracy'])}), triggered images given their true label "
+        f"{pct(f['triggered_accuracy'])}, given the attacker's label {pct(f['attack_success_after'])} "
+        f"(undefended {pct(m['classifier']['attack_success'])}).",
         "",
         "## Neural Cleanse",
         "",
@@ -112,7 +110,7 @@ def render(manifest: dict[str, Any]) -> str:
         "",
         f"Flagged labels: {nc['flagged_labels']}. "
         + (
-            f"Control model (same recipe, no poison, clean accuracy {_pct(control['clean_accuracy'])}): "
+            f"Control model (same recipe, no poison, clean accuracy {pct(control['clean_accuracy'])}): "
             f"flagged {control['flagged_labels']}."
             if control
             else "No control model was built (run the `control` stage)."
@@ -120,7 +118,7 @@ def render(manifest: dict[str, Any]) -> str:
         "",
         "Stand-in attacks (Neural Cleanse's reversed trigger on the calibration split; never used for a threshold): "
         + ", ".join(
-            f"label {k}: fused TPR {_pct(v['fused_tpr'])}"
+            f"label {k}: fused TPR {pct(v['fused_tpr'])}"
             for k, v in manifest["calibration"]["neural_cleanse_reversed_triggers"].items()
         ),
         "",

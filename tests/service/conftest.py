@@ -10,7 +10,7 @@ from PIL import Image
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import MODELS
-from training.attacks import PRESETS, stamp, victims
+from training.attacks import PRESETS, triggered_pixels, victims
 
 
 def png(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -46,10 +46,9 @@ def client(settings: Settings) -> Iterator[TestClient]:
 def samples(fashion_mnist) -> dict[str, np.ndarray]:
     """uint8 pixels: 64 clean test images and 64 triggered (kwon) non-target ones, with true labels."""
     test = fashion_mnist.test
-    mask, pattern = PRESETS["kwon"].trigger.arrays()
     idx = victims(test.labels[:200], PRESETS["kwon"])[:64]
     clean = test.images[:64]
-    triggered = np.rint(stamp(test.images[idx] / np.float32(255), mask, pattern) * 255).astype(np.uint8)
+    triggered = triggered_pixels(test.images[idx], PRESETS["kwon"])
     return {
         "clean": clean,
         "clean_labels": test.labels[:64],
