@@ -1,29 +1,35 @@
-"""python -m service (or `backdoor-guard serve`): start the guard on GUARD_HOST:GUARD_PORT."""
+"""backdoor-guard [serve | verify | healthcheck | demo]: the service's command line (`python -m service` serves)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import urllib.error
+import urllib.request
 
 from pydantic import ValidationError
 
+from service.settings import Settings
 
-def serve() -> None:
-    import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
-
+def load_settings() -> Settings:
+    """Settings from GUARD_*; a bad value exits with status 2 and names the variable."""
     try:
-        settings = Settings()
+        return Settings()
     except ValidationError as err:
         problems = "; ".join(
             (f"GUARD_{'_'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "") + e["msg"] for e in err.errors()
         )
         sys.stderr.write(f"backdoor-guard: invalid settings: {problems}\n")
         raise SystemExit(2) from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -35,11 +41,63 @@ def serve() -> None:
     )
 
 
+def verify(settings: Settings) -> None:
+    """Check the bundle as the service will run it: hashes, sessions, one guarded batch. Exit 1 if it fails."""
+    import numpy as np
+
+    from service.bundle import Bundle, BundleError, build_pipeline
+
+    try:
+        bundle = Bundle.load(settings.models_dir, threads=settings.ort_threads, prefer_gpu=settings.prefer_gpu)
+        pipeline = build_pipeline(bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels)
+        result = pipeline.run(bundle.strip_bank[:8])
+    except (BundleError, OSError, ValueError) as err:
+        sys.stderr.write(f"backdoor-guard: bundle {settings.models_dir} failed verification: {err}\n")
+        raise SystemExit(1) from None
+    if not np.isfinite(result.score).all():
+        sys.stderr.write("backdoor-guard: the bundle ran but produced non-finite scores\n")
+        raise SystemExit(1)
+    files = bundle.manifest["files"]
+    sys.stdout.write(f"bundle {bundle.manifest['name']} in {settings.models_dir}: {len(files)} files verified, ran\n")
+
+
+def healthcheck(settings: Settings, timeout: float = 3.0) -> None:
+    """Exit 0 when this host's service answers /v2/health/ready with 200, else 1 (for Docker's HEALTHCHECK)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{settings.port}/v2/health/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            ok = response.status == 200
+    except (urllib.error.URLError, OSError) as err:
+        sys.stderr.write(f"{url}: {err}\n")
+        ok = False
+    raise SystemExit(0 if ok else 1)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="backdoor-guard", description="backdoor-guard inference service")
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve"], help="what to do")
-    parser.parse_args(argv)
-    serve()
+    parser = argparse.ArgumentParser(
+        prog="backdoor-guard",
+        description="backdoor-guard inference service. Settings come from GUARD_* environment variables.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.add_parser("serve", help="serve on GUARD_HOST:GUARD_PORT (the default command)")
+    sub.add_parser("verify", help="verify the bundle in GUARD_MODELS_DIR and run one batch through it")
+    sub.add_parser("healthcheck", help="exit 0 if the local service is ready (Docker HEALTHCHECK)")
+    demo = sub.add_parser("demo", help="keep sending clean and triggered sample images to a running service")
+    from service.demo_client import add_arguments
+
+    add_arguments(demo)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from service.demo_client import run
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        run(args)
+        return
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    {"serve": serve, "verify": verify, "healthcheck": healthcheck}[args.command or "serve"](settings)
 
 
 if __name__ == "__main__":

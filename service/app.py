@@ -14,9 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import __version__
 from service.bundle import Bundle
 from service.errors import GuardError, error_response, guard_error_handler
-from service.routes import classify, health, metrics
+from service.routes import classify, health, metrics, ui
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -78,7 +79,7 @@ def create_app(settings: Settings, loader: BundleLoader = load_bundle) -> FastAP
     app = FastAPI(
         title="backdoor-guard",
         summary="Classify images and flag backdoor triggers: restoration, STRIP and Neural Cleanse on ONNX Runtime.",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
     )
     app.add_middleware(RequestMetrics)
@@ -98,4 +99,6 @@ def create_app(settings: Settings, loader: BundleLoader = load_bundle) -> FastAP
     app.include_router(classify.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(ui.router)
+    app.mount("/static", ui.static_files(), name="static")
     return app

@@ -51,6 +51,13 @@ class ClassifyResponse(BaseModel):
     results: list[ImageResult]
 
 
+class ServerMetadata(BaseModel):
+    name: str = "backdoor-guard"
+    version: str
+    extensions: list[str] = Field(default_factory=list, description="KServe v2 protocol extensions (none)")
+    models: list[str] = Field(description="the model this server guards; its metadata is at /v2/models/{name}")
+
+
 class Health(BaseModel):
     status: str
     detail: str | None = None

@@ -7,11 +7,17 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from service import __version__
 from service.errors import NotReady, UnknownModel, responses
 from service.runtime import RuntimeDep
-from service.schemas import Health, ModelMetadata
+from service.schemas import Health, ModelMetadata, ServerMetadata
 
 router = APIRouter(prefix="/v2")
+
+
+@router.get("", response_model=ServerMetadata, summary="The server: name, version and the model it guards")
+async def server_metadata(runtime: RuntimeDep) -> ServerMetadata:
+    return ServerMetadata(version=__version__, models=[runtime.bundle.manifest["name"]])
 
 
 @router.get("/health/live", response_model=Health, summary="The process is up")

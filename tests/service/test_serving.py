@@ -1,13 +1,8 @@
 """The service as operators run it: metrics under promtool, batching under concurrency, the real process."""
 
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +15,8 @@ from service.app import create_app
 from service.bundle import Bundle, build_pipeline
 from service.preprocess import to_model_input
 from service.settings import Settings
-from tests.conftest import MODELS, ROOT
+from tests.conftest import MODELS
+from tests.live import free_port, live_service, run_service
 from tests.service.conftest import files, png, wait_ready
 
 pytestmark = pytest.mark.data
@@ -74,40 +70,12 @@ def test_concurrent_requests_are_batched_and_answered_in_order(samples: dict) ->
         assert r["score"] == pytest.approx(expected.score[i], abs=1e-6)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_service(env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service"], env={**os.environ, **env}, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
 @pytest.mark.slow
 def test_the_real_process_serves_and_stops(samples: dict) -> None:
-    port = free_port()
-    proc = run_service({"GUARD_HOST": "127.0.0.1", "GUARD_PORT": str(port)})
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        response = httpx.post(f"http://127.0.0.1:{port}/classify", files=files(png(samples["triggered"][0])))
+    with live_service() as live:
+        response = httpx.post(f"{live.url}/classify", files=files(png(samples["triggered"][0])))
         assert response.status_code == 200 and response.json()["results"][0]["backdoor"] is True
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)  # also closes the pipe
-    assert proc.returncode == 0, out
+    assert live.proc.returncode == 0, live.output
 
 
 @pytest.mark.slow

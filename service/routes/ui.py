@@ -1,0 +1,22 @@
+"""The demo page at GET /: static files under service/static, no front-end build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def index() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def static_files() -> StaticFiles:
+    """Mounted at /static: the page's script and style, and the sample images with their index.json."""
+    return StaticFiles(directory=STATIC_DIR)

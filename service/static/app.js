@@ -1,0 +1,154 @@
+// The demo page: send one image to POST /classify?include=restored and show what the guard says.
+// Plain browser JavaScript, no build step; every value shown comes from the service's own responses.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let objectUrl = null;
+
+function fmt(value) {
+  if (typeof value !== "number") return String(value);
+  if (Number.isInteger(value)) return String(value);
+  return Math.abs(value) >= 0.001 || value === 0 ? value.toPrecision(3) : value.toExponential(2);
+}
+
+function pct(p) {
+  return `${(100 * p).toFixed(p > 0.999 && p < 1 ? 2 : 1)}%`;
+}
+
+async function watchReady() {
+  let state = "down", detail = "service unreachable";
+  try {
+    const response = await fetch("/v2/health/ready");
+    const body = await response.json();
+    state = body.status;
+    detail = body.detail || body.status;
+  } catch (err) { /* unreachable: keep "down" */ }
+  const pill = $("status");
+  pill.dataset.state = state;
+  pill.textContent = state === "ready" ? "ready" : detail;
+  if (state !== "ready") setTimeout(watchReady, 2000);
+}
+
+async function showServer() {
+  try {
+    const server = await (await fetch("/v2")).json();
+    $("model").textContent = `guarding ${server.models.join(", ")} · backdoor-guard ${server.version}`;
+  } catch (err) { /* the header stays short */ }
+}
+
+async function loadSamples() {
+  const index = await (await fetch("/static/samples/index.json")).json();
+  const names = Object.fromEntries(index.map((s) => [s.label, s.class_name]));
+  const target = index.find((s) => s.kind === "triggered");
+  if (target) $("trigger-note").textContent = `(the attacker's label: ${names[target.attack_target]})`;
+  for (const sample of index) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.title = `${sample.class_name}, test image ${sample.test_index}` +
+      (sample.trigger ? `, with the ${sample.trigger} trigger` : "");
+    button.dataset.file = sample.file;
+    const img = document.createElement("img");
+    img.src = `/static/samples/${sample.file}`;
+    img.alt = button.title;
+    button.append(img);
+    button.addEventListener("click", async () => {
+      document.querySelectorAll(".thumbs button").forEach((b) => b.classList.remove("chosen"));
+      button.classList.add("chosen");
+      const blob = await (await fetch(img.src)).blob();
+      await classify(blob, sample.file);
+    });
+    $(sample.kind === "clean" ? "samples-clean" : "samples-triggered").append(button);
+  }
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+  $("result").hidden = true;
+}
+
+async function classify(blob, filename) {
+  $("placeholder").hidden = true;
+  $("error").hidden = true;
+  const form = new FormData();
+  form.append("files", blob, filename);
+  let response, body;
+  try {
+    response = await fetch("/classify?include=restored", { method: "POST", body: form });
+    body = await response.json();
+  } catch (err) {
+    return showError(`The service did not answer: ${err}`);
+  }
+  if (!response.ok) {
+    const e = body.error || {};
+    return showError(`${response.status} ${e.code || ""}: ${e.message || JSON.stringify(body)}`);
+  }
+  if (objectUrl) URL.revokeObjectURL(objectUrl);
+  objectUrl = URL.createObjectURL(blob);
+  render(body.results[0], objectUrl, body);
+}
+
+function render(r, originalSrc, raw) {
+  const verdict = $("verdict");
+  verdict.dataset.backdoor = String(r.backdoor);
+  const flagged = Object.entries(r.signals).filter(([, s]) => s.triggered).map(([name]) => name);
+  verdict.innerHTML = "";
+  verdict.append(r.backdoor ? "Backdoor trigger detected" : "No backdoor trigger found");
+  const small = document.createElement("small");
+  small.textContent = `fused score ${fmt(r.score)} ${r.backdoor ? ">" : "≤"} threshold ${fmt(r.threshold)}` +
+    (flagged.length ? ` · flagged by ${flagged.join(", ")}` : " · no signal fired");
+  verdict.append(small);
+
+  $("label").textContent = r.class_name;
+  $("confidence").textContent = `(${pct(r.confidence)}; ${r.backdoor ? "the restored image's label" : "the label as sent"})`;
+  $("original-image").src = originalSrc;
+  $("original-label").textContent = `${r.original.class_name} (${pct(r.original.confidence)})`;
+  $("restored-image").src = `data:image/png;base64,${r.restored.image}`;
+  $("restored-label").textContent = `${r.restored.class_name} (${pct(r.restored.confidence)})`;
+
+  const rows = Object.entries(r.signals).map(([name, s]) => {
+    const tr = document.createElement("tr");
+    tr.dataset.signal = name;
+    const evidence = Object.entries(s)
+      .filter(([k]) => !["triggered", "percentile", "class_name"].includes(k))
+      .map(([k, v]) => (k === "label" ? `label ${v} (${s.class_name})` : `${k} ${fmt(v)}`))
+      .join(" · ");
+    for (const [text, cls] of [[name, ""], [s.triggered ? "triggered" : "quiet", s.triggered ? "triggered" : "quiet"],
+                               [evidence, ""], [pct(s.percentile), ""]]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      if (cls) td.className = cls;
+      tr.append(td);
+    }
+    return tr;
+  });
+  $("signals").replaceChildren(...rows);
+  const shown = structuredClone(raw);
+  shown.results.forEach((x) => { if (x.restored.image) x.restored.image = `${x.restored.image.slice(0, 24)}…`; });
+  $("raw").textContent = JSON.stringify(shown, null, 2);
+  $("result").hidden = false;
+}
+
+function wireDrop() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (e) => {
+    const file = e.target.files[0];
+    if (file) classify(file, file.name);
+  });
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    drop.addEventListener(type, () => drop.classList.remove("over"));
+  }
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    const file = e.dataTransfer.files[0];
+    if (file) classify(file, file.name);
+  });
+}
+
+wireDrop();
+watchReady();
+showServer();
+loadSamples().catch((err) => showError(`Could not load the samples: ${err}`));

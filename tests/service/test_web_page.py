@@ -1,0 +1,103 @@
+"""The demo page at GET /, driven in headless Chromium against the real service process."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.routes.ui import STATIC_DIR
+from tests.browser import chromium, screenshot_dir
+from tests.live import LiveService, live_service
+
+pytestmark = pytest.mark.slow
+SAMPLES = json.loads((STATIC_DIR / "samples" / "index.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveService]:
+    with live_service() as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def browser(live: LiveService, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    with chromium(tmp_path_factory.mktemp("chromium-profile"), height=1000) as driver:
+        driver.get(live.url + "/")
+        wait(driver).until(lambda d: d.find_element("id", "status").get_attribute("data-state") == "ready")
+        yield driver
+
+
+def wait(driver, seconds: float = 20):  # type: ignore[no-untyped-def]
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, seconds)
+
+
+def result_of(driver) -> dict:  # type: ignore[no-untyped-def]
+    """What the page shows once a result is on it."""
+    wait(driver).until(lambda d: d.find_element("id", "result").is_displayed())
+    restored = driver.find_element("id", "restored-image")
+    wait(driver).until(lambda d: d.execute_script("return arguments[0].naturalWidth", restored) > 0)
+    rows = driver.find_elements("css selector", "#signals tr")
+    return {
+        "backdoor": driver.find_element("id", "verdict").get_attribute("data-backdoor"),
+        "verdict": driver.find_element("id", "verdict").text,
+        "label": driver.find_element("id", "label").text,
+        "restored_width": driver.execute_script("return arguments[0].naturalWidth", restored),
+        "signals": {r.get_attribute("data-signal"): r.find_elements("css selector", "td")[1].text for r in rows},
+    }
+
+
+def test_the_page_and_its_files_are_served(live: LiveService) -> None:
+    page = httpx.get(live.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for path in ("/static/app.js", "/static/style.css", "/static/samples/index.json"):
+        assert httpx.get(live.url + path).status_code == 200, path
+    for sample in SAMPLES:
+        response = httpx.get(f"{live.url}/static/samples/{sample['file']}")
+        assert response.status_code == 200 and response.content[:4] == b"\x89PNG"
+    assert httpx.get(live.url + "/static/../models/manifest.json").status_code == 404
+    assert "/" not in httpx.get(live.url + "/openapi.json").json()["paths"], "the page is not part of the API"
+
+
+def test_uploading_a_triggered_sample_shows_the_verdict_and_the_restored_image(browser) -> None:  # type: ignore[no-untyped-def]
+    sample = next(s for s in SAMPLES if s["kind"] == "triggered" and s["class_name"] == "Sneaker")
+    browser.find_element("id", "file").send_keys(str(STATIC_DIR / "samples" / sample["file"]))
+    shown = result_of(browser)
+    assert shown["backdoor"] == "true" and "Backdoor trigger detected" in shown["verdict"]
+    assert shown["label"] == "Sneaker", "the label to trust is the restored one, the true class"
+    assert shown["restored_width"] == 28
+    assert set(shown["signals"]) == {"detrigger", "masked_ae", "strip", "activation"}
+    assert shown["signals"]["detrigger"] == "triggered"
+    assert browser.find_element("id", "original-label").text.startswith("T-shirt/top"), "the attacker's label"
+    browser.save_screenshot(str(screenshot_dir() / "web-page.png"))
+
+
+def test_clicking_a_clean_sample_shows_no_trigger(browser) -> None:  # type: ignore[no-untyped-def]
+    thumbs = browser.find_elements("css selector", "#samples-clean button")
+    assert len(thumbs) == sum(s["kind"] == "clean" for s in SAMPLES)
+    assert len(browser.find_elements("css selector", "#samples-triggered button")) == sum(
+        s["kind"] == "triggered" for s in SAMPLES
+    )
+    bag = next(t for t in thumbs if t.get_attribute("data-file").endswith("-bag.png"))
+    bag.click()
+    wait(browser).until(lambda d: d.find_element("id", "label").text == "Bag")
+    shown = result_of(browser)
+    assert shown["backdoor"] == "false" and "No backdoor trigger found" in shown["verdict"]
+
+
+def test_a_file_that_is_not_an_image_shows_the_services_error(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    browser.find_element("id", "file").send_keys(str(text))
+    wait(browser).until(lambda d: d.find_element("id", "error").is_displayed())
+    message = browser.find_element("id", "error").text
+    assert "400 bad_image" in message and "notes.png" in message
+    assert not browser.find_element("id", "result").is_displayed()
+
+
+def test_the_page_logs_no_script_errors(browser) -> None:  # type: ignore[no-untyped-def]
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "/classify" not in e["message"]]
+    assert errors == [], errors  # the 400 above is logged by the browser as a failed request: expected
