@@ -33,9 +33,11 @@ data:
 	  $(APT) dataset-fashion-mnist; \
 	fi
 
-# What the tests need beyond Python: the data, and promtool (Debian's prometheus) for the metrics check.
+# What the tests need beyond Python: the data; Debian's prometheus (promtool, and the server the dashboard
+# test scrapes with); Debian's chromium and chromedriver for the demo page test.
 system-deps: data
-	@command -v promtool >/dev/null || { echo "installing Debian's prometheus (promtool)"; $(APT) prometheus; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { echo "installing Debian's prometheus"; $(APT) prometheus; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "installing Debian's chromium"; $(APT) chromium chromium-driver; }
 
 # The service needs only the `serve` extra: no torch at serve time.
 serve: $(VENV)/.serve-installed
