@@ -10,7 +10,7 @@ export GUARD_HOST GUARD_PORT
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT = $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: serve test data data-mnist system-deps bundle smoke evaluate bench lint clean
+.PHONY: serve test data data-mnist system-deps bundle smoke evaluate bench lint clean docker-lock screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,19 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check training service tests bench
 	$(BIN)/ruff format --check training service tests bench
 	$(BIN)/mypy training service bench
+
+# docker/requirements-serve.txt: the exact versions the service image installs, resolved from the serve
+# extra in a clean venv on this Python (the image's base is the same Python; see docker/service.Dockerfile).
+docker-lock:
+	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install --quiet '.[serve]'
+	{ echo "# The service image's dependencies, exactly: the serve extra resolved by \`make docker-lock\` on"; \
+	  echo "# Python $$($(PYTHON) -c 'import platform; print(platform.python_version())') (Linux x86_64). Regenerate it when pyproject.toml's serve extra changes."; \
+	  build/lock-venv/bin/pip freeze --exclude backdoor-guard; } > docker/requirements-serve.txt
+
+# The README's pictures: the demo page in Chromium and the dashboard's queries against a real Prometheus.
+screenshots: $(VENV)/.dev-installed system-deps
+	GUARD_SCREENSHOT_DIR=docs/img GUARD_DEMO_SECONDS=240 $(BIN)/python -m pytest -q tests/service/test_web_page.py tests/docker
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache .mypy_cache

@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=4, help="images per request: 1 to this, at random")
     p.add_argument("--triggered-share", type=float, default=0.05, help="share of triggered images between waves")
     p.add_argument("--wave-every", type=float, default=180.0, help="seconds between attack waves (0: no waves)")
-    p.add_argument("--wave-seconds", type=float, default=45.0, help="length of an attack wave")
+    p.add_argument("--wave-seconds", type=float, default=60.0, help="length of an attack wave")
     p.add_argument("--wave-share", type=float, default=0.8, help="share of triggered images during a wave")
     p.add_argument("--requests", type=int, default=0, help="stop after this many requests (0: run until stopped)")
     p.add_argument("--api-key", default=os.environ.get("GUARD_API_KEY"), help="X-API-Key, when the guard wants one")

@@ -55,6 +55,9 @@ class Metrics:
             "guard_stage_seconds", "Time spent in each stage of the guard, summed over batches", ["stage"], registry=r
         )
         self.queue = Gauge("guard_queue_images", "Images waiting or running", registry=r)
+        self.queue_limit = Gauge(
+            "guard_queue_limit_images", "Most images waiting or running before requests get 503", registry=r
+        )
         self.ready = Gauge("guard_ready", "1 once the models are loaded and warmed up", registry=r)
         self.model = Info("guard_model", "The guarded model and its bundle", registry=r)
         for verdict in ("backdoor", "clean"):  # export zeros from the start, so rates exist

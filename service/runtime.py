@@ -42,6 +42,7 @@ class Runtime:
         batcher = MicroBatcher(
             pipeline.run, settings.max_batch, settings.max_delay_ms / 1000, settings.max_queue, metrics.observe_batch
         )
+        metrics.queue_limit.set(settings.max_queue)
         metrics.model.info(
             {
                 "name": bundle.manifest["name"],

@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# Rebuild the guard bundle (models/) with PyTorch on the CPU: about 20 minutes on 2 cores.
+#   docker build -f docker/training.Dockerfile -t backdoor-guard-train .
+#   docker run --rm -v "$PWD/models-new:/out" backdoor-guard-train            # every stage -> /out
+#   docker run --rm -v "$PWD/models-new:/out" backdoor-guard-train all --smoke --out /out   # a 30 s check
+# Then point the service at it: GUARD_MODELS_DIR, or copy it over models/ and rebuild the service image.
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+FROM ${PYTHON_IMAGE}
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONUNBUFFERED=1
+# Fashion-MNIST, as the repository's training reads it: Debian's IDX files in /usr/share/datasets.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends dataset-fashion-mnist \
+ && rm -rf /var/lib/apt/lists/*
+# torch first, from PyTorch's CPU index and pinned: from the default index, `torch` brings several GB of
+# CUDA wheels. The train extra's torch==2.13.0 is then already satisfied.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+COPY pyproject.toml README.md /src/
+# training/ imports service/: one guard implementation for calibration, evaluation and serving.
+COPY training /src/training
+COPY service /src/service
+RUN pip install "/src[train]"
+RUN groupadd --system --gid 10001 trainer \
+ && useradd --system --uid 10001 --gid trainer --create-home --shell /usr/sbin/nologin trainer \
+ && mkdir /out && chown trainer:trainer /out
+USER trainer
+WORKDIR /home/trainer
+VOLUME ["/out"]
+ENTRYPOINT ["python", "-m", "training"]
+CMD ["all", "--out", "/out"]
