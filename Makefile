@@ -85,7 +85,7 @@ docker-lock:
 
 # The README's pictures: the demo page in Chromium and the dashboard's queries against a real Prometheus.
 screenshots: $(VENV)/.dev-installed system-deps
-	GUARD_SCREENSHOT_DIR=docs/img GUARD_DEMO_SECONDS=240 $(BIN)/python -m pytest -q tests/service/test_web_page.py tests/docker
+	GUARD_SCREENSHOT_DIR=docs/img GUARD_DEMO_SECONDS=240 $(BIN)/python -m pytest -q tests/service/test_web_page.py tests/docker/test_prometheus_scrape.py
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache .mypy_cache

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,6 +30,21 @@ def run_service(env: dict[str, str], *args: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def wait_until_ok(proc: subprocess.Popen, url: str, timeout: float, output: Callable[[], str]) -> None:
+    """Poll url until it answers 200; fail with the process's output if it exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[0]} exited: {output()}")
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} never answered 200"
+        time.sleep(0.1)
+
+
 @dataclass
 class LiveService:
     proc: subprocess.Popen
@@ -44,17 +59,7 @@ def live_service(env: dict[str, str] | None = None, timeout: float = 60.0) -> It
     proc = run_service({"GUARD_HOST": "127.0.0.1", "GUARD_PORT": str(port), **(env or {})})
     live = LiveService(proc, f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the service exited: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                if httpx.get(f"{live.url}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.1)
+        wait_until_ok(proc, f"{live.url}/v2/health/ready", timeout, lambda: proc.stdout.read() if proc.stdout else "")
         yield live
     finally:
         proc.send_signal(signal.SIGINT)

@@ -7,7 +7,6 @@ import math
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.live import free_port
+from tests.live import free_port, wait_until_ok
 
 PROMETHEUS_DIR = ROOT / "docker" / "prometheus"
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "backdoor-guard.json"
@@ -66,16 +65,7 @@ def prometheus(target: str, workdir: Path, timeout: float = 30.0) -> Iterator[Pr
     )  # fmt: skip
     server = Prometheus(f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, (workdir / "prometheus.log").read_text()
-            try:
-                if httpx.get(f"{server.url}/-/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "prometheus never became ready"
-            time.sleep(0.2)
+        wait_until_ok(proc, f"{server.url}/-/ready", timeout, (workdir / "prometheus.log").read_text)
         yield server
     finally:
         proc.terminate()
