@@ -3,7 +3,8 @@
 A fresh venv gets docker/requirements-serve.txt (wheels only) and a non-editable install of a tree holding
 only what the Dockerfile copies (pyproject.toml, README.md, service/); the bundle comes without its
 checkpoints. Then the image's own commands run: `backdoor-guard verify` (a build step), `serve` (CMD) and
-`healthcheck` (HEALTHCHECK). It proves the lock installs, torch is absent, and the wheel carries the page.
+`healthcheck` (HEALTHCHECK). It proves the lock installs, torch is absent, the wheel carries the page, and
+the service writes no file (compose runs it on a read-only root filesystem).
 """
 
 import os
@@ -45,13 +46,17 @@ def test_the_service_image_recipe_installs_verifies_serves_and_reports_health(tm
     env = {
         "PATH": f"{env_dir / 'bin'}:{os.environ['PATH']}", "GUARD_MODELS_DIR": str(models),
         "GUARD_HOST": "127.0.0.1", "GUARD_PORT": str(port), "GUARD_ORT_THREADS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",  # as the image's ENV
     }  # fmt: skip
-    run = {"env": env, "cwd": tmp_path, "capture_output": True, "text": True, "timeout": 120}
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    run = {"env": env, "cwd": workdir, "capture_output": True, "text": True, "timeout": 120}
+    before = snapshot(env_dir, models, workdir)
     verify = subprocess.run([cli, "verify"], **run)  # type: ignore[call-overload]
     assert verify.returncode == 0, verify.stderr
     assert subprocess.run([cli, "healthcheck"], **run).returncode == 1  # type: ignore[call-overload]
 
-    server = subprocess.Popen([cli, "serve"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([cli, "serve"], env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = ""
     try:
         deadline = time.monotonic() + 60
@@ -69,3 +74,8 @@ def test_the_service_image_recipe_installs_verifies_serves_and_reports_health(tm
         server.terminate()
         output = server.communicate(timeout=30)[0].decode()  # also closes the pipe
     assert "verified" in output, output
+    assert snapshot(env_dir, models, workdir) == before, "the service wrote files: compose runs it read-only"
+
+
+def snapshot(*roots: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for root in roots for p in root.rglob("*")}
