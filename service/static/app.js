@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 let objectUrl = null;
+let lastUpload = null; // [blob, filename], retried once an API key is given
 
 function fmt(value) {
   if (typeof value !== "number") return String(value);
@@ -68,17 +69,23 @@ function showError(message) {
 }
 
 async function classify(blob, filename) {
+  lastUpload = [blob, filename];
   $("placeholder").hidden = true;
   $("error").hidden = true;
   const form = new FormData();
   form.append("files", blob, filename);
+  // Kept for this tab only, when the guard runs with GUARD_API_KEY.
+  const key = sessionStorage.getItem("guard-api-key");
   let response, body;
   try {
-    response = await fetch("/classify?include=restored", { method: "POST", body: form });
+    response = await fetch("/classify?include=restored", {
+      method: "POST", body: form, headers: key ? { "X-API-Key": key } : {},
+    });
     body = await response.json();
   } catch (err) {
     return showError(`The service did not answer: ${err}`);
   }
+  $("key-form").hidden = response.status !== 401;
   if (!response.ok) {
     const e = body.error || {};
     return showError(`${response.status} ${e.code || ""}: ${e.message || JSON.stringify(body)}`);
@@ -129,6 +136,14 @@ function render(r, originalSrc, raw) {
   $("result").hidden = false;
 }
 
+function wireKey() {
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    sessionStorage.setItem("guard-api-key", $("api-key").value);
+    if (lastUpload) classify(...lastUpload);
+  });
+}
+
 function wireDrop() {
   const drop = $("drop");
   $("file").addEventListener("change", (e) => {
@@ -149,6 +164,7 @@ function wireDrop() {
 }
 
 wireDrop();
+wireKey();
 watchReady();
 showServer();
 loadSamples().catch((err) => showError(`Could not load the samples: ${err}`));

@@ -101,3 +101,19 @@ def test_a_file_that_is_not_an_image_shows_the_services_error(browser, tmp_path:
 def test_the_page_logs_no_script_errors(browser) -> None:  # type: ignore[no-untyped-def]
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "/classify" not in e["message"]]
     assert errors == [], errors  # the 400 above is logged by the browser as a failed request: expected
+
+
+def test_a_guard_with_an_api_key_asks_for_it_once(tmp_path: Path) -> None:
+    with live_service({"GUARD_API_KEY": "s3cret"}) as guarded, chromium(tmp_path / "profile") as driver:
+        driver.get(guarded.url + "/")
+        wait(driver).until(lambda d: d.find_elements("css selector", "#samples-clean button"))
+        driver.find_elements("css selector", "#samples-triggered button")[0].click()
+        wait(driver).until(lambda d: d.find_element("id", "key-form").is_displayed())
+        assert "401 unauthorized" in driver.find_element("id", "error").text
+        driver.find_element("id", "api-key").send_keys("s3cret")
+        driver.find_element("css selector", "#key-form button").click()
+        assert result_of(driver)["backdoor"] == "true"
+        assert not driver.find_element("id", "key-form").is_displayed()
+        driver.find_elements("css selector", "#samples-clean button")[0].click()  # the key is remembered
+        wait(driver).until(lambda d: d.find_element("id", "label").text == "T-shirt/top")
+        assert not driver.find_element("id", "error").is_displayed()
