@@ -79,12 +79,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="backdoor-guard",
         description="backdoor-guard inference service. Settings come from GUARD_* environment variables.",
+        epilog="Without a command: serve.",
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.add_parser("serve", help="serve on GUARD_HOST:GUARD_PORT (the default command)")
     sub.add_parser("verify", help="verify the bundle in GUARD_MODELS_DIR and run one batch through it")
     sub.add_parser("healthcheck", help="exit 0 if the local service is ready (Docker HEALTHCHECK)")
-    demo = sub.add_parser("demo", help="keep sending clean and triggered sample images to a running service")
+    demo = sub.add_parser(
+        "demo",
+        help="keep sending clean and triggered sample images to a running service",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     from service.demo_client import add_arguments
 
     add_arguments(demo)

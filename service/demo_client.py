@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,16 +65,30 @@ def multipart(files: list[Sample]) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def _in_range(kind: type[int] | type[float], low: float, high: float = float("inf")) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` in [low, high]."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error: "invalid int value"
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=os.environ.get("GUARD_URL", "http://127.0.0.1:8000"), help="the guard's base URL")
-    p.add_argument("--rate", type=float, default=8.0, help="requests per second")
-    p.add_argument("--max-images", type=int, default=4, help="images per request: 1 to this, at random")
-    p.add_argument("--triggered-share", type=float, default=0.05, help="share of triggered images between waves")
-    p.add_argument("--wave-every", type=float, default=180.0, help="seconds between attack waves (0: no waves)")
-    p.add_argument("--wave-seconds", type=float, default=60.0, help="length of an attack wave")
-    p.add_argument("--wave-share", type=float, default=0.8, help="share of triggered images during a wave")
-    p.add_argument("--requests", type=int, default=0, help="stop after this many requests (0: run until stopped)")
-    p.add_argument("--api-key", default=os.environ.get("GUARD_API_KEY"), help="X-API-Key, when the guard wants one")
+    share, seconds = _in_range(float, 0.0, 1.0), _in_range(float, 0.0)
+    p.add_argument("--rate", type=_in_range(float, 0.01), default=8.0, help="requests per second")
+    p.add_argument("--max-images", type=_in_range(int, 1, 64), default=4, help="images per request: 1 to this")
+    p.add_argument("--triggered-share", type=share, default=0.05, help="share of triggered images between waves")
+    p.add_argument("--wave-every", type=seconds, default=180.0, help="seconds between attack waves (0: no waves)")
+    p.add_argument("--wave-seconds", type=seconds, default=60.0, help="length of an attack wave, seconds")
+    p.add_argument("--wave-share", type=share, default=0.8, help="share of triggered images during a wave")
+    p.add_argument("--requests", type=_in_range(int, 0), default=0, help="stop after this many (0: run until stopped)")
+    p.add_argument("--api-key", default=None, help="X-API-Key, when the guard wants one; None: $GUARD_API_KEY")
     p.add_argument("--seed", type=int, default=0, help="seed of the traffic mix")
 
 
@@ -98,6 +113,7 @@ def wait_ready(url: str) -> None:
 
 def run(args: argparse.Namespace) -> Tally:
     url = args.url.rstrip("/")
+    api_key = args.api_key or os.environ.get("GUARD_API_KEY")
     samples = load_samples()
     pools = {k: [s for s in samples if s.kind == k] for k in ("clean", "triggered")}
     rng = random.Random(args.seed)
@@ -113,7 +129,7 @@ def run(args: argparse.Namespace) -> Tally:
             for _ in range(rng.randint(1, args.max_images))
         ]
         try:
-            for sample, backdoor in zip(batch, send(url, batch, args.api_key), strict=True):
+            for sample, backdoor in zip(batch, send(url, batch, api_key), strict=True):
                 tally.add(sample.kind, backdoor)
         except urllib.error.HTTPError as err:
             tally.errors += 1
