@@ -165,6 +165,19 @@ def test_model_metadata(client: TestClient) -> None:
     assert client.get("/v2/models/other").status_code == 404
 
 
+def test_server_metadata_names_the_guarded_model(client: TestClient) -> None:
+    from service import __version__
+
+    server = client.get("/v2").json()
+    assert server == {
+        "name": "backdoor-guard",
+        "version": __version__,
+        "extensions": [],
+        "models": ["fashion-mnist-kwon"],
+    }
+    assert client.get(f"/v2/models/{server['models'][0]}").status_code == 200
+
+
 def test_openapi_declares_every_status(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     declared = set(spec["paths"]["/classify"]["post"]["responses"])
