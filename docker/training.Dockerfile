@@ -1,12 +1,16 @@
 # syntax=docker/dockerfile:1
 # Rebuild the guard bundle (models/) with PyTorch on the CPU: about 20 minutes on 2 cores.
 #   docker build -f docker/training.Dockerfile -t backdoor-guard-train .
-#   docker run --rm -v "$PWD/models-new:/out" backdoor-guard-train            # every stage -> /out
-#   docker run --rm -v "$PWD/models-new:/out" backdoor-guard-train all --smoke --out /out   # a 30 s check
+#   mkdir -p models-new
+#   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/models-new:/out" backdoor-guard-train  # every stage
+#   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/models-new:/out" backdoor-guard-train all --smoke --out /out
+# (--user: the bundle is written as you, into a folder you own; without it, as the image's trainer user.)
 # Then point the service at it: GUARD_MODELS_DIR, or copy it over models/ and rebuild the service image.
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 FROM ${PYTHON_IMAGE}
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONUNBUFFERED=1
+# Caches under /tmp: any --user can write there, whatever HOME is.
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONUNBUFFERED=1 \
+    MPLCONFIGDIR=/tmp/matplotlib XDG_CACHE_HOME=/tmp/cache
 # Fashion-MNIST, as the repository's training reads it: Debian's IDX files in /usr/share/datasets.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends dataset-fashion-mnist \

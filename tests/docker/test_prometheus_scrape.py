@@ -90,7 +90,9 @@ def test_every_dashboard_query_returns_a_value(scraped: Scraped, title: str, exp
 def test_every_rule_evaluates_on_real_series(scraped: Scraped, rule: dict) -> None:
     """Recording rules return a series; alert conditions, compared with `bool`, return one too."""
     expr = rule["expr"] if "record" in rule else as_bool_comparisons(rule["expr"])
-    assert scraped.prom.query(expr), f"{rule.get('record') or rule['alert']}: {expr} returned nothing"
+    result = scraped.prom.query(expr)
+    assert result, f"{rule.get('record') or rule['alert']}: {expr} returned nothing"
+    assert finite(result), f"{rule.get('record') or rule['alert']}: {expr} returned only NaN: {result}"
     groups = scraped.prom.api("rules")["groups"]
     loaded = {r["name"]: r for g in groups for r in g["rules"]}
     name = rule.get("record") or rule["alert"]
