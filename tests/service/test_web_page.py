@@ -88,6 +88,26 @@ def test_clicking_a_clean_sample_shows_no_trigger(browser) -> None:  # type: ign
     assert shown["backdoor"] == "false" and "No backdoor trigger found" in shown["verdict"]
 
 
+def test_dropping_an_image_on_the_page_classifies_it(browser) -> None:  # type: ignore[no-untyped-def]
+    """A drop event carrying a file, as a browser fires it when one is dragged from the desktop."""
+    sample = next(s for s in SAMPLES if s["kind"] == "triggered" and s["class_name"] == "Coat")
+    browser.execute_script(
+        """const [url, name] = arguments;
+        fetch(url).then((r) => r.blob()).then((blob) => {
+          const data = new DataTransfer();
+          data.items.add(new File([blob], name, {type: "image/png"}));
+          const drop = document.getElementById("drop");
+          drop.dispatchEvent(new DragEvent("dragover", {dataTransfer: data, bubbles: true, cancelable: true}));
+          drop.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        });""",
+        f"/static/samples/{sample['file']}", "dropped-coat.png",
+    )  # fmt: skip
+    wait(browser).until(lambda d: d.find_element("id", "label").text == "Coat")
+    assert result_of(browser)["backdoor"] == "true"
+    assert '"filename": "dropped-coat.png"' in browser.find_element("id", "raw").get_attribute("textContent")
+    assert "over" not in browser.find_element("id", "drop").get_attribute("class")
+
+
 def test_a_file_that_is_not_an_image_shows_the_services_error(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     text = tmp_path / "notes.png"
     text.write_text("not a picture")
