@@ -58,6 +58,7 @@ def test_the_page_and_its_files_are_served(live: LiveService) -> None:
     for sample in SAMPLES:
         response = httpx.get(f"{live.url}/static/samples/{sample['file']}")
         assert response.status_code == 200 and response.content[:4] == b"\x89PNG"
+    assert "default-src 'self'" in page.headers["content-security-policy"]
     assert httpx.get(live.url + "/static/../models/manifest.json").status_code == 404
     assert "/" not in httpx.get(live.url + "/openapi.json").json()["paths"], "the page is not part of the API"
 
