@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -76,11 +77,13 @@ def create_app(settings: Settings, loader: BundleLoader = load_bundle) -> FastAP
             await runtime.batcher.stop()
             app.state.runtime = None
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the package, not a CDN.
+    app = FastAPIOffline(
         title="backdoor-guard",
         summary="Classify images and flag backdoor triggers: restoration, STRIP and Neural Cleanse on ONNX Runtime.",
         version=__version__,
         lifespan=lifespan,
+        favicon_url="/static/favicon.svg",
     )
     app.add_middleware(RequestMetrics)
     app.add_exception_handler(GuardError, guard_error_handler)

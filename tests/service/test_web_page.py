@@ -124,6 +124,19 @@ def test_the_page_logs_no_script_errors(browser) -> None:  # type: ignore[no-unt
     assert errors == [], errors  # the 400 above is logged by the browser as a failed request: expected
 
 
+def test_the_api_docs_render_from_packaged_files(browser, live: LiveService) -> None:  # type: ignore[no-untyped-def]
+    """/docs (linked from the page) must work on a closed network: Swagger UI from the package, not a CDN."""
+    html = httpx.get(live.url + "/docs").text
+    assert "cdn." not in html and "/static-offline-docs/swagger-ui-bundle.js" in html
+    browser.get(live.url + "/docs")
+    wait(browser).until(
+        lambda d: "/classify" in [e.text for e in d.find_elements("css selector", ".opblock-summary-path")]
+    )
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors  # a CDN request would fail here (no network) and be logged
+    assert httpx.get(live.url + "/redoc").status_code == 200
+
+
 def test_a_guard_with_an_api_key_asks_for_it_once(tmp_path: Path) -> None:
     with live_service({"GUARD_API_KEY": "s3cret"}) as guarded, chromium(tmp_path / "profile") as driver:
         driver.get(guarded.url + "/")
