@@ -43,22 +43,18 @@ def serve(settings: Settings) -> None:
 
 def verify(settings: Settings) -> None:
     """Check the bundle as the service will run it: hashes, sessions, one guarded batch. Exit 1 if it fails."""
-    import numpy as np
-
-    from service.bundle import Bundle, BundleError, build_pipeline
+    from service.app import load_bundle
+    from service.bundle import BundleError
+    from service.runtime import Runtime, check_warm_up
 
     try:
-        bundle = Bundle.load(settings.models_dir, threads=settings.ort_threads, prefer_gpu=settings.prefer_gpu)
-        pipeline = build_pipeline(bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels)
-        result = pipeline.run(bundle.strip_bank[:8])
+        runtime = Runtime.build(settings, load_bundle(settings))  # the service's own loading and pipeline
+        check_warm_up(runtime.pipeline.run(runtime.warm_up_images()))
     except (BundleError, OSError, ValueError) as err:
         sys.stderr.write(f"backdoor-guard: bundle {settings.models_dir} failed verification: {err}\n")
         raise SystemExit(1) from None
-    if not np.isfinite(result.score).all():
-        sys.stderr.write("backdoor-guard: the bundle ran but produced non-finite scores\n")
-        raise SystemExit(1)
-    files = bundle.manifest["files"]
-    sys.stdout.write(f"bundle {bundle.manifest['name']} in {settings.models_dir}: {len(files)} files verified, ran\n")
+    name, files = runtime.bundle.manifest["name"], runtime.bundle.manifest["files"]
+    sys.stdout.write(f"bundle {name} in {settings.models_dir}: {len(files)} files verified, ran\n")
 
 
 def healthcheck(settings: Settings, timeout: float = 3.0) -> None:

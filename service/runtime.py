@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from service.batcher import MicroBatcher
 from service.bundle import Bundle, build_pipeline
 from service.errors import NotReady
-from service.guard import GuardPipeline
+from service.guard import GuardPipeline, GuardResult
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -52,13 +52,14 @@ class Runtime:
         )
         return cls(settings, bundle, pipeline, batcher, metrics)
 
+    def warm_up_images(self) -> np.ndarray:
+        """The warm-up batch: a few clean images of the STRIP bank, float32 (B, 1, H, W)."""
+        return self.bundle.strip_bank[: min(8, self.settings.max_batch)]
+
     async def warm_up(self) -> None:
         """One guarded batch through the real path; ready only if it comes back finite."""
-        images = self.bundle.strip_bank[: min(8, self.settings.max_batch)]
         try:
-            result = await self.batcher.submit(images)
-            if not np.isfinite(result.score).all():
-                raise ValueError("warm-up produced non-finite scores")
+            check_warm_up(await self.batcher.submit(self.warm_up_images()))
         except asyncio.CancelledError:
             raise
         except Exception as err:  # reported by /v2/health/ready
@@ -68,6 +69,12 @@ class Runtime:
         self.ready = True
         self.metrics.ready.set(1)
         log.info("warm-up passed: ready")
+
+
+def check_warm_up(result: GuardResult) -> None:
+    """Raise if the warm-up batch's scores are not all finite (a broken model or bank)."""
+    if not np.isfinite(result.score).all():
+        raise ValueError("warm-up produced non-finite scores")
 
 
 def get_runtime(request: Request) -> Runtime:

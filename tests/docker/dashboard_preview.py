@@ -11,10 +11,6 @@ import numpy as np
 from tests.docker.prometheus_live import DASHBOARD, Prometheus, grafana_expr
 
 
-def _expr(target: dict) -> str:
-    return grafana_expr(target["expr"])
-
-
 def _legend(fmt: str, metric: dict) -> str:
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: metric.get(m[1], ""), fmt) or "value"
 
@@ -64,13 +60,13 @@ def render(prom: Prometheus, start: float, end: float, out: Path) -> None:
             ax.set_yticks([])
             texts = []
             for target in panel["targets"]:
-                for series in prom.query(_expr(target)):
+                for series in prom.query(grafana_expr(target["expr"])):
                     texts.append(f"{_format(float(series['value'][1]), unit)}")
             ax.text(0.5, 0.45, "  /  ".join(texts) or "–", ha="center", va="center", fontsize=18, color="#73bf69",
                     transform=ax.transAxes)  # fmt: skip
             continue
         if panel["type"] == "heatmap":
-            (series,) = [prom.query_range(_expr(t), start, end) for t in panel["targets"]]
+            (series,) = [prom.query_range(grafana_expr(t["expr"]), start, end) for t in panel["targets"]]
             series = sorted(series, key=lambda s: float(s["metric"]["le"]))
             bounds = [s["metric"]["le"] for s in series]
             grid = np.array([[float(v) for _, v in s["values"]] for s in series])
@@ -81,7 +77,7 @@ def render(prom: Prometheus, start: float, end: float, out: Path) -> None:
             ax.set_ylabel("entropy (log2)")
             continue
         for target in panel["targets"]:
-            for series in prom.query_range(_expr(target), start, end):
+            for series in prom.query_range(grafana_expr(target["expr"]), start, end):
                 t = np.array([float(x) for x, _ in series["values"]]) - end
                 v = np.array([float(y) for _, y in series["values"]])
                 scale = {"s": 1000, "percentunit": 100}.get(unit or "", 1)
