@@ -10,7 +10,7 @@ export GUARD_HOST GUARD_PORT
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT = $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: serve test data data-mnist system-deps bundle smoke evaluate bench lint clean docker-lock screenshots
+.PHONY: serve test data data-mnist system-deps bundle smoke evaluate bench soak lint clean docker-lock screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,12 @@ bench: $(VENV)/.dev-installed data
 	@command -v hey >/dev/null || $(APT) hey
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
+
+# reports/soak.md: 20,000 mixed 1-8 image requests and 64-image batches under `hey`, the service's RSS sampled
+# (about 10 minutes on 2 cores); exits 1 on any error or if 64-image batches push RSS past 1.5x the steady state.
+soak: $(VENV)/.dev-installed data
+	@command -v hey >/dev/null || $(APT) hey
+	$(BIN)/python bench/soak.py
 
 smoke: $(VENV)/.dev-installed data
 	$(BIN)/python -m training all --smoke --out build/smoke-bundle
