@@ -26,19 +26,17 @@ def load_settings() -> Settings:
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
+    """Load and check the bundle first, so a bad one stops the start with one line (exit 1), then serve."""
+    from service.app import create_app, load_bundle
+    from service.bundle import BundleError
+    from service.server import serve as run_server
 
-    from service.app import create_app
-
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        loop="auto",  # uvloop and httptools when installed (the serve extra brings them)
-        http="auto",
-    )
+    try:
+        bundle = load_bundle(settings)
+    except (BundleError, OSError, ValueError) as err:
+        sys.stderr.write(f"backdoor-guard: refusing to start: bundle {settings.models_dir}: {err}\n")
+        raise SystemExit(1) from None
+    run_server(settings, create_app(settings, loader=lambda _: bundle))
 
 
 def verify(settings: Settings) -> None:

@@ -75,6 +75,7 @@ def create_app(settings: Settings, loader: BundleLoader = load_bundle) -> FastAP
             warm.cancel()
             await asyncio.gather(warm, return_exceptions=True)
             await runtime.batcher.stop()
+            runtime.decoder.close()
             app.state.runtime = None
 
     # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the package, not a CDN.
@@ -91,7 +92,7 @@ def create_app(settings: Settings, loader: BundleLoader = load_bundle) -> FastAP
     async def http_error(request: Any, exc: Exception) -> Any:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)  # e.g. Allow on 405
 
     async def validation_error(request: Any, exc: Exception) -> Any:
         assert isinstance(exc, RequestValidationError)
@@ -100,6 +101,15 @@ def create_app(settings: Settings, loader: BundleLoader = load_bundle) -> FastAP
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(classify.router)
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with this app's own file limit (the route is declared once for every app)."""
+        document = generate_openapi()  # cached by FastAPI after the first call
+        document["paths"]["/classify"]["post"].update(classify.upload_body(settings.max_files))
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(ui.router)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,21 +69,38 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def submit(self, images: np.ndarray) -> GuardResult:
-        """Guard one request's images; raises Overloaded when the queue is full."""
-        n = len(images)
+    @contextmanager
+    def admission(self, n: int) -> Iterator[None]:
+        """Hold n of the queue's places (decoding and waiting count too); raises Overloaded when they are taken.
+
+        A request is admitted before its images are decoded, so an overloaded guard refuses at the cost of
+        reading a header, not of decoding and then refusing.
+        """
         if self.pending + n > self.max_queue:
             raise Overloaded(
                 f"{self.pending} images are already waiting or running (limit {self.max_queue}); retry shortly",
                 headers={"Retry-After": "1"},
             )
         self.pending += n
-        job = _Job(images, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(job)
         try:
-            return await job.future
+            yield
         finally:
             self.pending -= n
+
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.max_queue
+
+    async def submit(self, images: np.ndarray) -> GuardResult:
+        """Guard one request's images; raises Overloaded when the queue is full."""
+        with self.admission(len(images)):
+            return await self.guard(images)
+
+    async def guard(self, images: np.ndarray) -> GuardResult:
+        """Guard images whose places the caller already holds (see `admission`)."""
+        job = _Job(images, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(job)
+        return await job.future
 
     async def _next_batch(self) -> list[_Job]:
         first = self._carry or await self._queue.get()

@@ -64,6 +64,29 @@ class UnknownModel(GuardError):
     status, code = 404, "unknown_model"
 
 
+class GuardFailure(GuardError):
+    """A signal could not be computed (a non-finite score): the request fails rather than be judged clean."""
+
+    status, code = 500, "guard_failed"
+
+
+class MalformedRequest(GuardError):
+    status, code = 400, "bad_request"
+
+
+class RequestTimeout(GuardError):
+    status, code = 408, "request_timeout"
+
+
+class ClientGone(GuardError):
+    """The client went away before its request was read: nobody gets this answer, but metrics and logs do.
+
+    499 is nginx's "client closed request": not a server error, so it cannot fire GuardErrorsHigh.
+    """
+
+    status, code = 499, "client_disconnected"
+
+
 def error_response(status: int, code: str, message: str, file_index: int | None = None, **kw: object) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(code=code, message=message, file_index=file_index))
     return JSONResponse(body.model_dump(), status_code=status, **kw)  # type: ignore[arg-type]

@@ -38,15 +38,70 @@ def to_model_input(pixels: np.ndarray, contract: Preprocessing = Preprocessing()
     return (batch.astype(np.float32) * np.float32(contract.scale))[:, None]
 
 
-def image_to_pixels(image: Image.Image, contract: Preprocessing = Preprocessing()) -> np.ndarray:
-    """Any Pillow image (any mode, any size) -> uint8 (H, W) grayscale at the contract's size."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, rgba)
-    gray = image.convert(contract.color)
-    size = (contract.width, contract.height)
-    if gray.size != size:
-        resample = Image.Resampling[contract.resample.upper()]
-        gray = gray.resize(size, resample=resample)
+# Transposes that swap width and height (EXIF orientations 5 to 8): the resize target swaps with them.
+AXIS_SWAPS = frozenset(
+    {Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270}
+)
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's 16-bit grayscale modes, samples 0..65535
+# Modes whose alpha is composited onto black; "P", "1", "L" and "RGB" join them when they carry a transparency key.
+ALPHA = ("RGBA", "LA", "PA")
+PREMULTIPLIED = ("RGBa", "La")  # colour already multiplied by alpha, i.e. already composited onto black
+
+
+def resize_target(contract: Preprocessing, transpose: Image.Transpose | None = None) -> tuple[int, int]:
+    """(width, height) to resize to before `transpose`, so that the transposed result is the contract's size."""
+    if transpose in AXIS_SWAPS:
+        return contract.height, contract.width
+    return contract.width, contract.height
+
+
+def image_to_pixels(
+    image: Image.Image,
+    contract: Preprocessing = Preprocessing(),
+    *,
+    box: tuple[float, float, float, float] | None = None,
+    transpose: Image.Transpose | None = None,
+) -> np.ndarray:
+    """Any Pillow image (any mode, any size) -> uint8 (H, W) grayscale at the contract's size.
+
+    Each mode is reduced to the small size as early as its numbers allow, so a 40-megapixel upload costs at most
+    about two full-size buffers besides its own pixels:
+
+    - "L", "RGB", "1", "CMYK", "P" without transparency and every other mode: Pillow's convert("L"), then resize.
+    - "RGBA", "LA", "PA", and "P"/"1"/"L"/"RGB" with a transparency key: alpha composited onto black (the datasets'
+      background) on one-byte planes, gray x alpha / 255, then resize.
+    - "RGBa", "La": premultiplied colour is already the composite on black: alpha is dropped.
+    - "I;16*": 16-bit samples, resized at 16 bits, then scaled by 1/257 (65535 -> 255), rounded.
+    - "I", "F": Pillow's convention, 0..255 levels rounded and clipped (a 16-bit PNG that older Pillow versions
+      open as "I" is the caller's to convert: service.decode does).
+
+    box: the region of `image` that holds the picture (Pillow's resize box; a JPEG decoded at a reduced scale
+    covers a fractional size). transpose (from EXIF orientation) is applied last, to the small image: resizing to
+    the swapped size and then transposing equals transposing and then resizing, without a full-size copy.
+    """
+    size = resize_target(contract, transpose)
+    resample = Image.Resampling[contract.resample.upper()]
+
+    def small(im: Image.Image) -> Image.Image:
+        return im if im.size == size and box is None else im.resize(size, resample=resample, box=box)
+
+    mode = image.mode
+    if mode in SIXTEEN_BIT:
+        levels = np.asarray(small(image)).astype(np.float32) / np.float32(257)
+        gray = Image.fromarray(np.rint(levels).astype(np.uint8), mode="L")
+    elif mode in PREMULTIPLIED:
+        bands = image.split()  # one-byte planes; these modes only exist in memory, never straight from a file
+        colour = bands[0] if mode == "La" else Image.merge("RGB", bands[:3]).convert("L")
+        gray = small(colour)
+    elif mode in ALPHA or (mode in ("P", "1", "L", "RGB") and "transparency" in image.info):
+        if mode not in ("RGBA", "LA"):
+            image = image.convert("RGBA")  # applies the palette's or the key colour's transparency
+        # gray x alpha / 255, rounded: paste blends onto the black plane in place, one byte per pixel.
+        gray = Image.new("L", image.size, 0)
+        gray.paste(image.convert("L"), mask=image.getchannel("A"))
+        gray = small(gray)
+    else:
+        gray = small(image.convert(contract.color))
+    if transpose is not None:
+        gray = gray.transpose(transpose)
     return np.asarray(gray, dtype=np.uint8)

@@ -10,10 +10,11 @@ from typing import Annotated
 import numpy as np
 from fastapi import Depends, Request
 
+from service.admission import Decoder
 from service.batcher import MicroBatcher
 from service.bundle import Bundle, build_pipeline
 from service.errors import NotReady
-from service.guard import GuardPipeline, GuardResult
+from service.guard import Classify, GuardPipeline, GuardResult
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -27,6 +28,7 @@ class Runtime:
     pipeline: GuardPipeline
     batcher: MicroBatcher
     metrics: Metrics
+    decoder: Decoder
     ready: bool = False
     warmup_error: str | None = None
 
@@ -39,6 +41,7 @@ class Runtime:
             raise ValueError(f"{bundle.root} is not calibrated: run `python -m training calibrate`")
         metrics = Metrics([s.name for s in pipeline.signals])
         pipeline.on_stage = lambda stage, seconds: metrics.stage.labels(stage=stage).inc(seconds)
+        pipeline.classify = chunked(bundle.classify, settings.classifier_chunk)
         batcher = MicroBatcher(
             pipeline.run, settings.max_batch, settings.max_delay_ms / 1000, settings.max_queue, metrics.observe_batch
         )
@@ -50,11 +53,14 @@ class Runtime:
                 "provider": bundle.sessions["classifier"].get_providers()[0],
             }
         )
-        return cls(settings, bundle, pipeline, batcher, metrics)
+        decoder = Decoder(
+            bundle.preprocessing, settings.max_pixels, settings.decode_budget_pixels, settings.decode_threads
+        )
+        return cls(settings, bundle, pipeline, batcher, metrics, decoder)
 
     def warm_up_images(self) -> np.ndarray:
         """The warm-up batch: a few clean images of the STRIP bank, float32 (B, 1, H, W)."""
-        return self.bundle.strip_bank[: min(8, self.settings.max_batch)]
+        return self.bundle.strip_bank[: self.settings.warm_up_batch]
 
     async def warm_up(self) -> None:
         """One guarded batch through the real path; ready only if it comes back finite."""
@@ -69,6 +75,19 @@ class Runtime:
         self.ready = True
         self.metrics.ready.set(1)
         log.info("warm-up passed: ready")
+
+
+def chunked(classify: Classify, rows: int) -> Classify:
+    """The classifier over at most `rows` images per call: ONNX Runtime's arena grows to the largest call it
+    has seen and keeps that memory, so one batch of 64 images x 35 passes would hold ~1 GB for good."""
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(images) <= rows:
+            return classify(images)
+        parts = [classify(images[i : i + rows]) for i in range(0, len(images), rows)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    return run
 
 
 def check_warm_up(result: GuardResult) -> None:

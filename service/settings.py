@@ -34,6 +34,22 @@ class Settings(BaseSettings):
     max_files: int = Field(64, ge=1, description="most files in one request")
     max_file_bytes: int = Field(4 << 20, ge=1, description="largest file, bytes")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, pixels (width x height)")
+    decode_threads: int = Field(2, ge=1, le=64, description="threads that decode images too large to decode inline")
+    decode_budget_pixels: int = Field(
+        40_000_000, ge=1, description="most pixels being decoded at once across all requests (bounds decode memory)"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="seconds a client has to send a request's line and headers"
+    )
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description="seconds a client has to send a whole upload")
+    shutdown_timeout_s: float = Field(
+        8.0, ge=0, le=3600, description="on SIGTERM, seconds in-flight requests get to finish before they are cut"
+    )
+    # ONNX Runtime's arena keeps the memory of the largest call it has seen: unchunked, one batch of 64 images
+    # (2,240 rows) held ~0.9 GB for good. 256 rows is about what single-image traffic reaches anyway.
+    classifier_chunk: int = Field(
+        256, ge=1, description="most rows in one classifier call: bounds the memory a large batch takes"
+    )
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     prefer_gpu: bool = Field(True, description="use the CUDA provider when onnxruntime-gpu sees a GPU")
     api_key: SecretStr | None = Field(None, description="when set, /classify requires header X-API-Key")
@@ -45,3 +61,31 @@ class Settings(BaseSettings):
         if not (self.models_dir / "manifest.json").is_file():
             raise ValueError(f"models_dir {self.models_dir} holds no manifest.json (set GUARD_MODELS_DIR)")
         return self
+
+    @model_validator(mode="after")
+    def _limits_fit_together(self) -> Settings:
+        """Limits that contradict each other would leave the service never ready or answering 503 forever."""
+        problems = []
+        if self.max_queue < self.max_files:
+            problems.append(
+                f"GUARD_MAX_QUEUE ({self.max_queue}) must be at least GUARD_MAX_FILES ({self.max_files}): "
+                "a request with that many files could never be admitted"
+            )
+        if self.max_queue < self.warm_up_batch:
+            problems.append(
+                f"GUARD_MAX_QUEUE ({self.max_queue}) must be at least the warm-up batch ({self.warm_up_batch}, "
+                "the smaller of 8 and GUARD_MAX_BATCH): the service would never become ready"
+            )
+        if self.decode_budget_pixels < self.max_pixels:
+            problems.append(
+                f"GUARD_DECODE_BUDGET_PIXELS ({self.decode_budget_pixels}) must be at least GUARD_MAX_PIXELS "
+                f"({self.max_pixels}): the largest allowed image could never be decoded"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def warm_up_batch(self) -> int:
+        """Images in the warm-up batch that must pass before the service is ready."""
+        return min(8, self.max_batch)

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
-from service.decode import decode, png_base64
+from service.decode import png_base64
 from service.errors import (
     BadImage,
+    ClientGone,
+    GuardError,
+    GuardFailure,
+    MalformedRequest,
     NoFiles,
     NotReady,
     Overloaded,
+    RequestTimeout,
     TooLarge,
     TooManyFiles,
     Unauthorized,
@@ -26,33 +29,32 @@ from service.errors import (
     responses,
 )
 from service.guard import GuardResult
-from service.preprocess import to_model_input
 from service.runtime import Runtime, RuntimeDep
 from service.schemas import ClassifyResponse
+from service.upload import UploadLimits, check_declared_length, read_uploads
 
+log = logging.getLogger(__name__)
 router = APIRouter()
-INLINE_DECODE_BYTES = 256 << 10  # uploads up to this size are decoded on the event loop
+CLASSIFY_ERRORS = (
+    MalformedRequest, BadImage, Unauthorized, RequestTimeout, TooManyFiles, TooLarge, WrongContentType, NoFiles,
+    GuardFailure, NotReady, Overloaded,
+)  # fmt: skip
 
-UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "one or more images: PNG, JPEG, WebP or BMP, any size and colour mode",
-                        }
-                    },
-                }
-            }
-        },
+
+def upload_body(max_files: int) -> dict[str, Any]:
+    """The OpenAPI request body of /classify, with this service's file limit."""
+    files = {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "minItems": 1,
+        "maxItems": max_files,
+        "description": "one or more images: PNG, JPEG, WebP, BMP or GIF, any size and colour mode",
     }
-}
+    schema = {"type": "object", "required": ["files"], "properties": {"files": files}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+UPLOAD_BODY = upload_body(64)  # the default limit; create_app sets its own app's (GUARD_MAX_FILES)
 
 
 def _check_key(runtime: Runtime, given: str | None) -> None:
@@ -61,39 +63,22 @@ def _check_key(runtime: Runtime, given: str | None) -> None:
         raise Unauthorized("missing or wrong X-API-Key header")
 
 
-async def _read_uploads(request: Request, runtime: Runtime) -> list[tuple[str | None, bytes]]:
+def _admit(request: Request, runtime: Runtime, x_api_key: str | None) -> UploadLimits:
+    """Everything that can be refused before a byte of the body is read: key, readiness, queue, declared size."""
+    _check_key(runtime, x_api_key)
+    if not runtime.ready:
+        raise NotReady(runtime.warmup_error or "warming up; retry shortly", headers={"Retry-After": "1"})
     s = runtime.settings
+    if runtime.batcher.full:
+        raise Overloaded(
+            f"{runtime.batcher.pending} images are already waiting or running (limit {s.max_queue}); retry shortly",
+            headers={"Retry-After": "1"},
+        )
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
         raise WrongContentType("send multipart/form-data with one or more file parts named `files`")
-    length = int(request.headers.get("content-length") or 0)
-    if length > s.max_files * (s.max_file_bytes + 4096):
-        raise TooLarge(f"request body of {length} bytes exceeds {s.max_files} files of {s.max_file_bytes} bytes")
-    try:
-        form = await request.form(max_files=s.max_files + 1, max_fields=s.max_files + 16, max_part_size=1 << 20)
-    except MultiPartException as err:
-        if "Too many files" in err.message:
-            raise TooManyFiles(f"more than {s.max_files} files in one request") from err
-        raise BadImage(f"malformed multipart body: {err.message}") from err
-    try:
-        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-        if not files:
-            raise NoFiles("no file parts named `files` in the request")
-        if len(files) > s.max_files:
-            raise TooManyFiles(f"{len(files)} files in one request (limit {s.max_files})")
-        uploads = []
-        for i, f in enumerate(files):
-            if f.size is not None and f.size > s.max_file_bytes:
-                raise TooLarge(f"file {i} ({f.filename!r}) is {f.size} bytes (limit {s.max_file_bytes})", i)
-            uploads.append((f.filename, await f.read()))
-        return uploads
-    finally:
-        await form.close()
-
-
-def _decode_all(uploads: list[tuple[str | None, bytes]], runtime: Runtime) -> np.ndarray:
-    contract = runtime.bundle.preprocessing
-    pixels = [decode(data, i, name, contract, runtime.settings.max_pixels) for i, (name, data) in enumerate(uploads)]
-    return to_model_input(np.stack(pixels), contract)
+    limits = UploadLimits(s.max_files, s.max_file_bytes, s.body_timeout_s)
+    check_declared_length(request.headers.get("content-length"), limits)
+    return limits
 
 
 def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with_images: bool) -> list[dict[str, Any]]:
@@ -145,30 +130,34 @@ def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with
     response_model=ClassifyResponse,  # documents the body; the route builds it directly (see below)
     summary="Classify images and judge whether each carries a backdoor trigger",
     openapi_extra=UPLOAD_BODY,
-    responses=responses(
-        BadImage, Unauthorized, TooManyFiles, TooLarge, WrongContentType, NoFiles, NotReady, Overloaded
-    ),
+    responses=responses(*CLASSIFY_ERRORS),
 )
 async def classify(
     request: Request,
     runtime: RuntimeDep,
     include: Annotated[
-        list[str] | None, Query(description="`restored`: add the de-triggered image (base64 PNG)")
+        list[Literal["restored"]] | None, Query(description="`restored`: add the de-triggered image (base64 PNG)")
     ] = None,
     x_api_key: Annotated[str | None, Header(description="required when GUARD_API_KEY is set")] = None,
 ) -> Response:
-    _check_key(runtime, x_api_key)
-    if not runtime.ready:
-        raise NotReady(runtime.warmup_error or "warming up; retry shortly", headers={"Retry-After": "1"})
+    try:
+        limits = _admit(request, runtime, x_api_key)
+        uploads = await read_uploads(request.receive, request.headers["content-type"], limits)
+    except ClientGone as err:
+        log.info("client %s: %s", request.client.host if request.client else "?", err.message)
+        raise
+    except GuardError as err:
+        # Refused before the body was read to its end: close the connection rather than read the rest of
+        # a body we will not use (keep-alive would have to drain it first).
+        err.headers = {**(err.headers or {}), "Connection": "close"}
+        raise
     start = time.perf_counter()
-    uploads = await _read_uploads(request, runtime)
-    if sum(len(data) for _, data in uploads) <= INLINE_DECODE_BYTES:
-        images = _decode_all(uploads, runtime)  # small: cheaper than a hop to the thread pool
-    else:
-        images = await run_in_threadpool(_decode_all, uploads, runtime)
-    runtime.metrics.decode.observe(time.perf_counter() - start)
-    runtime.metrics.queue.set(runtime.batcher.pending + len(images))
-    result = await runtime.batcher.submit(images)
+    headers = runtime.decoder.headers(uploads)  # cheap, and every file's size is known before any decoding
+    with runtime.batcher.admission(len(uploads)):
+        images = await runtime.decoder.decode(headers)
+        runtime.metrics.decode.observe(time.perf_counter() - start)
+        runtime.metrics.queue.set(runtime.batcher.pending)
+        result = await runtime.batcher.guard(images)
     runtime.metrics.queue.set(runtime.batcher.pending)
     runtime.metrics.observe_result(result)
     names = [name for name, _ in uploads]

@@ -99,9 +99,9 @@ def test_bad_images_are_400_and_name_the_file(client: TestClient, samples: dict)
         e = error(client.post("/classify", files=files(good, blob)))
         assert e["code"] == "bad_image" and words in e["message"] and e["file_index"] == 1
         assert "img1.png" in e["message"]
-    gif = io.BytesIO()
-    Image.new("L", (28, 28)).save(gif, format="GIF")
-    response = client.post("/classify", files=files(gif.getvalue()))
+    tiff = io.BytesIO()
+    Image.new("L", (28, 28)).save(tiff, format="TIFF")  # a format the guard does not take
+    response = client.post("/classify", files=files(tiff.getvalue()))
     assert response.status_code == 400 and error(response)["file_index"] == 0
 
 
@@ -228,12 +228,16 @@ def wait_for(condition, timeout: float = 30.0) -> None:
 
 def test_overload_is_503_not_an_unbounded_queue(samples: dict) -> None:
     loader = GatedBundle()
-    with TestClient(create_app(Settings(models_dir=MODELS, max_queue=10), loader)) as c:
+    with TestClient(create_app(Settings(models_dir=MODELS, max_queue=10, max_files=4), loader)) as c:
         runtime = c.app.state.runtime  # type: ignore[attr-defined]
         wait_for(lambda: runtime.batcher.pending == 8)  # the warm-up's 8 images, held at the gate
         runtime.ready = True  # let requests in while the gate holds the queue full
         blob = png(samples["clean"][0])
-        response = c.post("/classify", files=files(blob, blob, blob))  # 8 + 3 > 10
+        response = c.post("/classify", files=files(blob, blob, blob))  # 8 + 3 > 10: refused after reading
+        assert response.status_code == 503 and error(response)["code"] == "overloaded"
+        runtime.batcher.pending += 2  # 10 of 10: refused before reading the body
+        response = c.post("/classify", files=files(blob))
+        runtime.batcher.pending -= 2
         assert response.status_code == 503 and error(response)["code"] == "overloaded"
         assert response.headers["retry-after"] == "1"
         answers: list[int] = []
@@ -256,3 +260,27 @@ def test_refuses_to_start_on_a_tampered_bundle(tmp_path: Path) -> None:
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(BundleError, match="classifier"), TestClient(create_app(Settings(models_dir=copy))):
         pass
+
+
+def test_405_names_the_allowed_methods(client: TestClient) -> None:
+    response = client.get("/classify")
+    assert response.status_code == 405 and error(response)["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "POST"
+
+
+def test_openapi_bounds_the_number_of_files(strict_client: TestClient, client: TestClient) -> None:
+    """A request that is valid by the schema is not refused for its number of files (schemathesis relies on it)."""
+    for c, limit in ((strict_client, 3), (client, 64)):
+        body = c.get("/openapi.json").json()["paths"]["/classify"]["post"]["requestBody"]
+        schema = body["content"]["multipart/form-data"]["schema"]["properties"]["files"]
+        assert schema["minItems"] == 1 and schema["maxItems"] == limit
+
+
+def test_limits_that_contradict_each_other_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"GUARD_MAX_QUEUE .*GUARD_MAX_FILES"):
+        Settings(models_dir=MODELS, max_queue=32)  # 64 files could never be admitted
+    with pytest.raises(ValueError, match="warm-up"):
+        Settings(models_dir=MODELS, max_queue=4, max_files=4)  # the 8-image warm-up could never run
+    with pytest.raises(ValueError, match="GUARD_DECODE_BUDGET_PIXELS"):
+        Settings(models_dir=MODELS, decode_budget_pixels=1000)
+    Settings(models_dir=MODELS, max_queue=4, max_files=4, max_batch=4)  # a warm-up of 4 fits

@@ -94,6 +94,8 @@ def test_invalid_settings_stop_the_start_with_a_clear_message() -> None:
         ({"GUARD_PORT": "eighty"}, "GUARD_PORT"),
         ({"GUARD_MAX_BATCH": "0"}, "GUARD_MAX_BATCH"),
         ({"GUARD_MODELS_DIR": "/nonexistent"}, "manifest.json"),
+        ({"GUARD_MAX_QUEUE": "4"}, "GUARD_MAX_FILES"),
+        ({"GUARD_MAX_QUEUE": "4", "GUARD_MAX_FILES": "2"}, "never become ready"),
     ):
         proc = run_service(env)
         out, _ = proc.communicate(timeout=30)

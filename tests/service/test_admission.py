@@ -1,0 +1,151 @@
+"""Admission before work: what is refused is refused before it costs the body, the decode or the queue."""
+
+import asyncio
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from service.admission import PixelBudget
+from service.settings import Settings
+from tests.conftest import MODELS
+from tests.service.asgi import CONTENT_TYPE, chunks_of, exchange, multipart, part_head, running
+from tests.service.conftest import png
+
+pytestmark = pytest.mark.data
+MiB = 1 << 20
+
+
+def run(coro):  # one event loop per test: the app's lifespan lives and dies inside it
+    return asyncio.run(coro)
+
+
+def small_png() -> bytes:
+    return png(np.full((28, 28), 128, np.uint8))
+
+
+def endless_file(chunk: int = MiB) -> itertools.chain:
+    """One file part that never ends (300 MiB and beyond, streamed with no Content-Length)."""
+    return itertools.chain([part_head()], itertools.repeat(b"\x00" * chunk, 300))
+
+
+def error_code(response) -> str:
+    return response.json()["error"]["code"]
+
+
+def test_a_full_queue_refuses_before_reading_the_body() -> None:
+    async def scenario():
+        async with running(Settings(models_dir=MODELS)) as app:
+            runtime = app.state.runtime
+            runtime.batcher.pending = runtime.settings.max_queue  # as if 1,024 images were queued
+            r = await exchange(app, chunks_of(multipart(small_png())))
+            runtime.batcher.pending = 0
+            return r
+
+    r = run(scenario())
+    assert r.status == 503 and error_code(r) == "overloaded" and r.headers["retry-after"] == "1"
+    assert r.received == 0, "the body was read before refusing"
+    assert r.headers["connection"] == "close"  # the unread body is not drained over keep-alive
+
+
+def test_a_wrong_key_and_a_declared_oversize_are_refused_before_reading_the_body() -> None:
+    async def scenario():
+        settings = Settings(models_dir=MODELS, api_key="k", max_files=2, max_file_bytes=1000)
+        async with running(settings) as app:
+            no_key = await exchange(app, chunks_of(multipart(small_png())))
+            declared = {"content-type": CONTENT_TYPE, "content-length": str(300 * MiB), "x-api-key": "k"}
+            too_big = await exchange(app, endless_file(), headers=declared)
+            return no_key, too_big
+
+    no_key, too_big = run(scenario())
+    assert no_key.status == 401 and no_key.received == 0
+    assert too_big.status == 413 and error_code(too_big) == "too_large" and too_big.received == 0
+
+
+def test_a_chunked_upload_is_cut_at_the_file_limit_whatever_it_declares() -> None:
+    """No Content-Length, 300 MiB streamed: refused once one file passes GUARD_MAX_FILE_BYTES."""
+
+    async def scenario():
+        async with running(Settings(models_dir=MODELS)) as app:
+            return app.state.runtime.settings, await exchange(app, endless_file())
+
+    settings, r = run(scenario())
+    assert r.status == 413 and error_code(r) == "too_large" and r.json()["error"]["file_index"] == 0
+    assert r.received <= settings.max_file_bytes + MiB + 4096  # the limit, plus the chunk that crossed it
+
+
+def test_many_small_parts_cannot_pass_the_body_limit() -> None:
+    """Parts that are not files are never stored, but they count: the body as a whole is bounded too."""
+
+    async def scenario():
+        settings = Settings(models_dir=MODELS, max_files=2, max_file_bytes=1000)
+        async with running(settings) as app:
+            junk = (part_head(name="other", filename=None) + b"x" * 200_000 + b"\r\n" for _ in range(10_000))
+            return app.state.runtime.settings, await exchange(app, junk)
+
+    settings, r = run(scenario())
+    assert r.status in (400, 413), r.body
+    assert r.received <= (settings.max_files + 16) * (settings.max_file_bytes + (16 << 10)) + 300_000
+
+
+@pytest.mark.parametrize("count", [65, 66, 100, 300])
+def test_too_many_files_is_413_at_any_count(count: int) -> None:
+    async def scenario():
+        async with running(Settings(models_dir=MODELS)) as app:
+            return await exchange(app, chunks_of(multipart(*[small_png()] * count)))
+
+    r = run(scenario())
+    assert r.status == 413 and error_code(r) == "too_many_files", r.body
+
+
+def test_a_client_that_disconnects_mid_upload_is_499_not_a_server_error() -> None:
+    async def scenario():
+        async with running(Settings(models_dir=MODELS)) as app:
+            body = multipart(png(np.random.default_rng(0).integers(0, 256, (200, 200)).astype(np.uint8)))
+            r = await exchange(app, chunks_of(body[: len(body) // 2], 4096), then="disconnect")
+            metrics = await exchange(app, [], headers={}, path="/metrics", method="GET")
+            return r, metrics.body.decode()
+
+    r, metrics = run(scenario())
+    assert r.status == 499 and error_code(r) == "client_disconnected"
+    assert 'guard_requests_total{route="/classify",status="499"} 1.0' in metrics
+    assert 'status="500"' not in metrics
+
+
+def test_a_stalled_body_times_out_with_408() -> None:
+    async def scenario():
+        async with running(Settings(models_dir=MODELS, body_timeout_s=0.5)) as app:
+            start = time.monotonic()
+            r = await exchange(app, [part_head(), b"\x89PNG"], then="stall")
+            return r, time.monotonic() - start
+
+    r, took = run(scenario())
+    assert r.status == 408 and error_code(r) == "request_timeout"
+    assert 0.5 <= took < 5.0
+
+
+def test_the_pixel_budget_is_first_come_first_served_and_never_exceeded() -> None:
+    async def scenario():
+        budget, order, peak = PixelBudget(100), [], 0
+
+        async def user(name: str, pixels: int, hold: float) -> None:
+            nonlocal peak
+            async with budget.take(pixels):
+                peak = max(peak, budget.used)
+                order.append(name)
+                await asyncio.sleep(hold)
+
+        big = asyncio.create_task(user("a", 60, 0.05))
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(user("b", 90, 0.01)), asyncio.create_task(user("c", 10, 0.01))]
+        await asyncio.sleep(0)
+        cancelled = asyncio.create_task(user("x", 100, 0))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # a request that fails while it waits gives its place back
+        await asyncio.gather(big, *waiting, cancelled, return_exceptions=True)
+        return order, peak, budget.used
+
+    order, peak, used = run(scenario())
+    assert order == ["a", "b", "c"]  # c (10) fits beside a (60) but waits its turn behind b
+    assert peak <= 100 and used == 0
