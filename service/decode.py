@@ -9,9 +9,10 @@ Images as people send them:
   viewer shows (for APNG, its default image).
 - EXIF orientation (tag 0x0112, as `ImageOps.exif_transpose` reads it) is honoured: the result is the upright
   picture. An unreadable EXIF block is ignored, as browsers do.
+- Transparency (alpha, a palette's or a tRNS key colour's) is composited onto black: see `image_to_pixels`.
 - 16-bit grayscale PNGs are scaled to 8 bits (65535 -> 255), not clipped. Pillow opens them as "I;16" (older
   versions as "I": a PNG opened as "I" is 16-bit, since PNG has no wider samples). 16-bit RGB and gray+alpha
-  PNGs Pillow already reduces to 8 bits (the high byte).
+  PNGs Pillow already reduces to 8 bits (the high byte). A 16-bit grayscale tRNS key is ignored (as before).
 - JPEGs much larger than the contract are decoded by libjpeg at 1/2 to 1/8 scale (DCT scaling), so a
   40-megapixel photo never exists at full size; this stays within 2 grey levels of a full-size decode.
 """

@@ -96,10 +96,14 @@ def image_to_pixels(
     elif mode in ALPHA or (mode in ("P", "1", "L", "RGB") and "transparency" in image.info):
         if mode not in ("RGBA", "LA"):
             image = image.convert("RGBA")  # applies the palette's or the key colour's transparency
-        # gray x alpha / 255, rounded: paste blends onto the black plane in place, one byte per pixel.
-        gray = Image.new("L", image.size, 0)
-        gray.paste(image.convert("L"), mask=image.getchannel("A"))
-        gray = small(gray)
+        # Premultiplied colour is the composite onto black: premultiply at full size, shrink, then drop alpha
+        # and take gray on the small image. Peak: the decoded pixels plus one premultiplied copy (8 bytes a pixel
+        # for RGBA). convert and resize release the GIL; getchannel, split and paste on the full-size image hold
+        # it for tens of milliseconds each, which the event loop (and /v2/health/live) would feel. Shrinking
+        # before taking gray puts an opaque RGBA image within 1 level of its RGB twin, not always on it.
+        premultiplied = small(image.convert("RGBa" if image.mode == "RGBA" else "La"))
+        bands = premultiplied.split()
+        gray = bands[0] if premultiplied.mode == "La" else Image.merge("RGB", bands[:3]).convert("L")
     else:
         gray = small(image.convert(contract.color))
     if transpose is not None:

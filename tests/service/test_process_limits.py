@@ -132,4 +132,6 @@ def test_liveness_answers_while_six_clients_post_the_largest_allowed_images() ->
         f"live p99 {p99 * 1000:.1f} ms over {len(latencies)} probes; RSS peak {peak:.0f} MiB (at start {baseline:.0f})"
     )
     assert p99 < 0.100
-    assert peak < baseline + 1024, "decoding held more than the documented budget"
+    # The documented budget: decoding holds at most 8 bytes per pixel of GUARD_DECODE_BUDGET_PIXELS (40 M: 305 MiB),
+    # besides the uploads being read (here 6 x 5 MiB, a few copies each). Measured here: about +340 MiB.
+    assert peak - baseline < 512, "decoding held more than the documented budget"
