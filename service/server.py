@@ -10,6 +10,7 @@ connection with 408 if the headers are not complete in time. The body's deadline
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -101,4 +102,8 @@ def serve(settings: Settings, app: Any) -> None:
         http=header_timeout_protocol(settings.header_timeout_s),
         timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]  # a float works
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it shut down on, as uvicorn.run
+        server.run()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's own status for a start that failed (e.g. the port is taken)
