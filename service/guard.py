@@ -261,6 +261,33 @@ class GuardResult:
             self.confidence[sl],
         )
 
+    @staticmethod
+    def concat(parts: Sequence[GuardResult]) -> GuardResult:
+        """The results of consecutive chunks of a batch as one (the inverse of `take`)."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = np.concatenate
+
+        def prediction(ps: Sequence[Prediction]) -> Prediction:
+            return Prediction(cat([p.logits for p in ps]), cat([p.features for p in ps]))
+
+        def signal(rs: Sequence[SignalResult]) -> SignalResult:
+            images = None if rs[0].images is None else cat([r.images for r in rs if r.images is not None])
+            evidence = {k: cat([r.evidence[k] for r in rs]) for k in rs[0].evidence}
+            return SignalResult(cat([r.score for r in rs]), cat([r.triggered for r in rs]), evidence, images)
+
+        first = parts[0]
+        return GuardResult(
+            prediction([p.original for p in parts]),
+            prediction([p.restored for p in parts]),
+            cat([p.restored_images for p in parts]),
+            {name: signal([p.signals[name] for p in parts]) for name in first.signals},
+            cat([p.score for p in parts]),
+            cat([p.backdoor for p in parts]),
+            cat([p.labels for p in parts]),
+            cat([p.confidence for p in parts]),
+        )
+
 
 def trusted_labels(
     original: Prediction, restored: Prediction, backdoor: np.ndarray, infected: Sequence[int]
@@ -338,3 +365,7 @@ class GuardPipeline:
 
     def run_chunked(self, x: np.ndarray, chunk: int = 256) -> list[GuardResult]:
         return [self.run(x[i : i + chunk]) for i in range(0, len(x), chunk)]
+
+    def run_in_chunks(self, x: np.ndarray, chunk: int) -> GuardResult:
+        """`run` over at most `chunk` images at a time, as one result: bounds the memory a large batch holds."""
+        return GuardResult.concat(self.run_chunked(x, chunk))

@@ -14,7 +14,7 @@ from service.admission import Decoder
 from service.batcher import MicroBatcher
 from service.bundle import Bundle, build_pipeline
 from service.errors import NotReady
-from service.guard import Classify, GuardPipeline, GuardResult
+from service.guard import GuardPipeline, GuardResult
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -41,9 +41,12 @@ class Runtime:
             raise ValueError(f"{bundle.root} is not calibrated: run `python -m training calibrate`")
         metrics = Metrics([s.name for s in pipeline.signals])
         pipeline.on_stage = lambda stage, seconds: metrics.stage.labels(stage=stage).inc(seconds)
-        pipeline.classify = chunked(bundle.classify, settings.classifier_chunk)
         batcher = MicroBatcher(
-            pipeline.run, settings.max_batch, settings.max_delay_ms / 1000, settings.max_queue, metrics.observe_batch
+            lambda images: pipeline.run_in_chunks(images, settings.chunk_images),
+            settings.max_batch,
+            settings.max_delay_ms / 1000,
+            settings.max_queue,
+            metrics.observe_batch,
         )
         metrics.queue_limit.set(settings.max_queue)
         metrics.model.info(
@@ -75,19 +78,6 @@ class Runtime:
         self.ready = True
         self.metrics.ready.set(1)
         log.info("warm-up passed: ready")
-
-
-def chunked(classify: Classify, rows: int) -> Classify:
-    """The classifier over at most `rows` images per call: ONNX Runtime's arena grows to the largest call it
-    has seen and keeps that memory, so one batch of 64 images x 35 passes would hold ~1 GB for good."""
-
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if len(images) <= rows:
-            return classify(images)
-        parts = [classify(images[i : i + rows]) for i in range(0, len(images), rows)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    return run
 
 
 def check_warm_up(result: GuardResult) -> None:

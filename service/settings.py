@@ -45,10 +45,11 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         8.0, ge=0, le=3600, description="on SIGTERM, seconds in-flight requests get to finish before they are cut"
     )
-    # ONNX Runtime's arena keeps the memory of the largest call it has seen: unchunked, one batch of 64 images
-    # (2,240 rows) held ~0.9 GB for good. 256 rows is about what single-image traffic reaches anyway.
-    classifier_chunk: int = Field(
-        256, ge=1, description="most rows in one classifier call: bounds the memory a large batch takes"
+    # ONNX Runtime's arenas keep the memory of the largest call they have seen: unchunked, one batch of 64
+    # images (2,240 classifier rows) held ~0.9 GB for good. Batches larger than this run as consecutive chunks
+    # of it, so a batch of 64 holds what single-image traffic at concurrency 8 holds anyway (reports/soak.md).
+    chunk_images: int = Field(
+        8, ge=1, description="most images the guard runs through its models at once (bounds a batch's memory)"
     )
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     prefer_gpu: bool = Field(True, description="use the CUDA provider when onnxruntime-gpu sees a GPU")

@@ -152,3 +152,20 @@ def test_a_suspected_image_never_gets_an_infected_label() -> None:
     np.testing.assert_allclose(confidence, [0.3, 0.4, 0.6])
     plain, _ = trusted_labels(original, restored, backdoor, infected=[])
     np.testing.assert_array_equal(plain, [0, 0, 0])
+
+
+def test_a_batch_run_in_chunks_equals_the_batch_run_whole() -> None:
+    """Chunking bounds memory; it must not change a single number of any image's result."""
+    x = RNG.random((11, 1, 28, 28)).astype(np.float32)
+    x[::2, :, :6, :6] = 1.0
+    levels = np.linspace(0, 0.9, 3)
+    names = ("detrigger", "masked_ae", "strip", "activation")
+    fusion = Fusion(levels, {n: np.array([-1.0, 0.0, 1.0]) for n in names}, dict.fromkeys(names, 1.0), 0.5)
+    pipeline = make_pipeline(fusion)
+    whole, chunked = pipeline.run(x), pipeline.run_in_chunks(x, 4)  # chunks of 4, 4 and 3 images
+    for field in ("score", "backdoor", "labels", "confidence", "restored_images"):
+        np.testing.assert_allclose(getattr(chunked, field), getattr(whole, field), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(chunked.original.logits, whole.original.logits, rtol=1e-6, atol=1e-6)
+    for name in names:
+        np.testing.assert_allclose(chunked.signals[name].score, whole.signals[name].score, rtol=1e-6, atol=1e-6)
+        assert chunked.signals[name].evidence.keys() == whole.signals[name].evidence.keys()
