@@ -40,7 +40,8 @@ def serve(settings: Settings) -> None:
 
 
 def verify(settings: Settings) -> None:
-    """Check the bundle as the service will run it: hashes, sessions, one guarded batch. Exit 1 if it fails."""
+    """Check the bundle as the service will run it: hashes, manifest values, the GUARD_BUNDLE_SHA256 pin,
+    sessions, one guarded batch. Print its root digest; exit 1 with one line if anything fails."""
     from service.app import load_bundle
     from service.bundle import BundleError
     from service.runtime import Runtime, check_warm_up
@@ -48,11 +49,15 @@ def verify(settings: Settings) -> None:
     try:
         runtime = Runtime.build(settings, load_bundle(settings))  # the service's own loading and pipeline
         check_warm_up(runtime.pipeline.run(runtime.warm_up_images()))
-    except (BundleError, OSError, ValueError) as err:
+    except (BundleError, OSError, ValueError) as err:  # ValueError includes the guard's NonFiniteScore
         sys.stderr.write(f"backdoor-guard: bundle {settings.models_dir} failed verification: {err}\n")
         raise SystemExit(1) from None
-    name, files = runtime.bundle.manifest["name"], runtime.bundle.manifest["files"]
-    sys.stdout.write(f"bundle {name} in {settings.models_dir}: {len(files)} files verified, ran\n")
+    bundle = runtime.bundle
+    name, files = bundle.manifest["name"], bundle.manifest["files"]
+    sys.stdout.write(
+        f"bundle {name} in {settings.models_dir}: {len(files)} files verified, ran; "
+        f"root digest (SHA-256 of manifest.json) {bundle.digest}\n"
+    )
 
 
 def healthcheck(settings: Settings, timeout: float = 3.0) -> None:

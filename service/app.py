@@ -17,7 +17,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.bundle import Bundle
-from service.errors import GuardError, error_response, guard_error_handler
+from service.errors import GuardError, GuardFailure, error_response, guard_error_handler
+from service.guard import NonFiniteScore
 from service.routes import classify, health, metrics, ui
 from service.runtime import Runtime
 from service.settings import Settings
@@ -27,7 +28,12 @@ BundleLoader = Callable[[Settings], Bundle]
 
 
 def load_bundle(settings: Settings) -> Bundle:
-    return Bundle.load(settings.models_dir, threads=settings.ort_threads, prefer_gpu=settings.prefer_gpu)
+    return Bundle.load(
+        settings.models_dir,
+        threads=settings.ort_threads,
+        prefer_gpu=settings.prefer_gpu,
+        expected_digest=settings.bundle_sha256,  # checked before anything else of the bundle is read
+    )
 
 
 class RequestMetrics:
@@ -98,6 +104,10 @@ def create_app(settings: Settings, loader: BundleLoader = load_bundle) -> FastAP
         assert isinstance(exc, RequestValidationError)
         return error_response(422, "invalid_request", str(exc.errors()))
 
+    async def non_finite_score(request: Any, exc: Exception) -> Any:
+        return await guard_error_handler(request, GuardFailure(str(exc)))
+
+    app.add_exception_handler(NonFiniteScore, non_finite_score)  # the guard fails closed: 500, never "clean"
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(classify.router)

@@ -1,9 +1,12 @@
-"""Load a guard bundle (models/ + manifest.json), verifying every file's SHA-256 before running it."""
+"""Load a guard bundle (models/ + manifest.json), verifying every file's SHA-256 and every value the guard reads.
+
+The bundle's identity is its root digest, the SHA-256 of manifest.json's exact bytes: the manifest lists every
+file's SHA-256, so the root digest covers the whole bundle, thresholds and fusion tables included.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,15 +23,15 @@ from service.guard import (
     MaskedAESignal,
     StripSignal,
 )
+from service.manifest import MANIFEST, BundleError, ModelIO, parse_manifest, show, validate_manifest
 from service.preprocess import Preprocessing
 
+# BundleError and MANIFEST live in service.manifest; importing them from here keeps working.
+__all__ = ["MANIFEST", "Bundle", "BundleError", "build_pipeline", "check_digest", "providers", "read_manifest",
+           "sha256_file", "verify_files"]  # fmt: skip
+
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 ONNX_MODELS = ("classifier", "detrigger_ae", "masked_ae", "reversed_triggers")
-
-
-class BundleError(RuntimeError):
-    """The bundle is missing, incomplete or tampered with: refuse to run it."""
 
 
 def sha256_file(path: Path) -> str:
@@ -40,20 +43,32 @@ def sha256_file(path: Path) -> str:
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
+    return parse_manifest(manifest_bytes(root), root / MANIFEST)
+
+
+def manifest_bytes(root: Path) -> bytes:
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"no {MANIFEST} in {root}: build a bundle with `python -m training all --out {root}`")
-    try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{path} is not valid JSON: {err}") from err
-    return manifest
+    return path.read_bytes()
+
+
+def check_digest(digest: str, expected: str | None) -> None:
+    """Refuse a bundle whose root digest is not the pinned one (GUARD_BUNDLE_SHA256)."""
+    if expected is not None and digest != expected:
+        raise BundleError(
+            f"{MANIFEST} has SHA-256 {digest}, GUARD_BUNDLE_SHA256 pins {expected}: "
+            "the manifest (thresholds, tables or a file's digest) is not the pinned bundle's"
+        )
 
 
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest lists exists under root and hashes to its recorded SHA-256."""
     problems = []
     for name, entry in manifest.get("files", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or "sha256" not in entry:
+            problems.append(f"files.{name}: {show(entry)}, must give the file's path and sha256")
+            continue
         path = root / entry["path"]
         if not path.is_file():
             problems.append(f"{name}: {path} is missing")
@@ -80,14 +95,20 @@ class Bundle:
     manifest: dict[str, Any]
     sessions: dict[str, Any]  # name -> onnxruntime.InferenceSession
     strip_bank: np.ndarray  # float32 (M, 1, H, W) clean calibration images
+    digest: str  # the root digest: SHA-256 (hex) of manifest.json's bytes, which list every file's SHA-256
 
     @classmethod
-    def load(cls, root: Path, threads: int = 0, prefer_gpu: bool = True) -> Bundle:
+    def load(cls, root: Path, threads: int = 0, prefer_gpu: bool = True, expected_digest: str | None = None) -> Bundle:
+        """Verify and open the bundle; expected_digest (GUARD_BUNDLE_SHA256) pins its root digest."""
         import onnxruntime as ort
 
         root = Path(root)
-        manifest = read_manifest(root)
-        missing = [n for n in (*ONNX_MODELS, "strip_bank") if n not in manifest.get("files", {})]
+        raw = manifest_bytes(root)  # hashed and parsed from the same bytes: no window to swap the file between
+        digest = hashlib.sha256(raw).hexdigest()
+        check_digest(digest, expected_digest)
+        manifest = parse_manifest(raw, root / MANIFEST)
+        files = manifest.get("files")
+        missing = [n for n in (*ONNX_MODELS, "strip_bank") if not isinstance(files, dict) or n not in files]
         if missing:
             raise BundleError(f"{root / MANIFEST} lists no {', '.join(missing)}")
         verify_files(root, manifest)
@@ -102,9 +123,13 @@ class Bundle:
             name: ort.InferenceSession(str(root / manifest["files"][name]["path"]), options, providers=chosen)
             for name in ONNX_MODELS
         }
-        log.info("bundle %s verified; ONNX Runtime providers %s", root, sessions["classifier"].get_providers())
         bank = np.load(root / manifest["files"]["strip_bank"]["path"])
-        return cls(root, manifest, sessions, bank.astype(np.float32))
+        validate_manifest(manifest, {name: ModelIO.of(session) for name, session in sessions.items()}, bank)
+        log.info(
+            "bundle %s (root digest %s) verified; ONNX Runtime providers %s",
+            root, digest, sessions["classifier"].get_providers(),
+        )  # fmt: skip
+        return cls(root, manifest, sessions, bank.astype(np.float32), digest)
 
     @property
     def preprocessing(self) -> Preprocessing:

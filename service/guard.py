@@ -7,6 +7,8 @@ restorations, STRIP's N overlays) run as one ONNX Runtime call:
   verdict, and per-image evidence.
 The fused verdict ranks each score against the clean calibration distribution (an empirical CDF stored
 in the manifest) and takes the largest rank: "how far into the clean tail is the most alarmed signal".
+A score that is not finite fails the batch (NonFiniteScore; the service's 500 guard_failed) rather than pass
+as clean: the guard fails closed.
 Calibration (training/calibration.py), evaluation and the service all run this same code.
 """
 
@@ -309,6 +311,20 @@ def trusted_labels(
     return labels, confidence
 
 
+class NonFiniteScore(ValueError):
+    """A signal could not score an image. The service answers 500 guard_failed (service.errors.GuardFailure);
+    defined here, free of FastAPI, because training runs this module without the serve extra."""
+
+
+def fail_closed(scores: Mapping[str, np.ndarray]) -> None:
+    """Raise NonFiniteScore when any image has a non-finite score: NaN compares false with every threshold, so
+    an image a signal could not score would otherwise come back clean, with the attacker's label."""
+    bad = {name: np.flatnonzero(~np.isfinite(s)).tolist() for name, s in scores.items() if not np.isfinite(s).all()}
+    if bad:
+        where = ", ".join(f"{name} for image(s) {images}" for name, images in bad.items())
+        raise NonFiniteScore(f"the guard could not score every image (non-finite {where}): no verdict")
+
+
 class GuardPipeline:
     """Runs every signal over a batch with one classifier call, then fuses them."""
 
@@ -351,11 +367,13 @@ class GuardPipeline:
         spans = zip(self.signals, bounds[:-1], bounds[1:], strict=True)
         preds = {s.name: pred.take(slice(lo, hi)) for s, lo, hi in spans}
         results = {s.name: s.evaluate(x, e, original, preds[s.name]) for s, e in zip(self.signals, extras, strict=True)}
-        if self.fusion is None:
+        scores = {name: r.score for name, r in results.items()}
+        if self.fusion is None:  # calibration's raw run: no fused score yet, by design
             score, backdoor = np.full(len(x), math.nan), np.zeros(len(x), bool)
         else:
-            score = self.fusion.score(results)
+            score = scores["fused"] = self.fusion.score(results)
             backdoor = score > self.fusion.threshold
+        fail_closed(scores)
         restored_images = results["detrigger"].images
         assert restored_images is not None
         restored = preds["detrigger"]

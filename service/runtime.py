@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 
 from service.admission import Decoder
 from service.batcher import MicroBatcher
-from service.bundle import Bundle, build_pipeline
+from service.bundle import Bundle, build_pipeline, check_digest
 from service.errors import NotReady
 from service.guard import GuardPipeline, GuardResult
 from service.metrics import Metrics
@@ -34,6 +34,7 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings, bundle: Bundle) -> Runtime:
+        check_digest(bundle.digest, settings.bundle_sha256)  # here too, whatever loaded the bundle
         pipeline = build_pipeline(bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels)
         if settings.fused_threshold is not None and pipeline.fusion is not None:
             pipeline.fusion = replace(pipeline.fusion, threshold=settings.fused_threshold)
@@ -54,6 +55,7 @@ class Runtime:
                 "name": bundle.manifest["name"],
                 "sha256": bundle.manifest["files"]["classifier"]["sha256"],
                 "provider": bundle.sessions["classifier"].get_providers()[0],
+                "bundle_sha256": bundle.digest,
             }
         )
         decoder = Decoder(

@@ -66,6 +66,9 @@ class Health(BaseModel):
 class ModelMetadata(BaseModel):
     name: str
     sha256: str
+    bundle_sha256: str = Field(
+        description="the bundle's root digest: SHA-256 of manifest.json, which lists every file's SHA-256"
+    )
     platform: str = "onnxruntime"
     providers: list[str]
     inputs: list[dict[str, Any]]

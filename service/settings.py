@@ -17,6 +17,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GUARD_", extra="ignore", frozen=True)
 
     models_dir: Path = Field(DEFAULT_MODELS_DIR, description="guard bundle folder holding manifest.json")
+    bundle_sha256: str | None = Field(
+        None,
+        pattern="^[0-9a-f]{64}$",
+        description="refuse to start unless the bundle's root digest (SHA-256 of manifest.json) is this",
+    )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     strip_n: int | None = Field(

@@ -65,6 +65,7 @@ async def model_metadata(name: str, runtime: RuntimeDep) -> ModelMetadata:
     return ModelMetadata(
         name=manifest["name"],
         sha256=classifier["sha256"],
+        bundle_sha256=runtime.bundle.digest,
         providers=runtime.bundle.sessions["classifier"].get_providers(),
         inputs=classifier["inputs"],
         outputs=classifier["outputs"],

@@ -1,0 +1,324 @@
+"""What a bundle's manifest.json may say: parsed without NaN or Infinity, every value the guard reads checked.
+
+A value the service cannot trust stops the start with one line (BundleError), never a guard that silently
+judges everything clean: a NaN threshold compares false with every score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service.preprocess import Preprocessing
+
+MANIFEST = "manifest.json"
+
+
+class BundleError(RuntimeError):
+    """The bundle is missing, incomplete or tampered with: refuse to run it."""
+
+
+class _Constant(str):
+    """A JSON NaN, Infinity or -Infinity, kept as its text so that the error can say where it was."""
+
+
+def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
+    """The manifest's JSON, refusing NaN and ±Infinity (Python's json accepts them): a NaN threshold compares
+    false with every score, so the guard would call every image clean."""
+    try:
+        manifest: dict[str, Any] = json.loads(raw, parse_constant=_Constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path} holds {type(manifest).__name__}, not a JSON object")
+    if constants := [f"{where} is {value}" for where, value in _leaves(manifest) if isinstance(value, _Constant)]:
+        raise BundleError(f"{path}: {'; '.join(constants)}: JSON NaN and Infinity are not numbers a threshold can be")
+    return manifest
+
+
+def _leaves(tree: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) of every leaf of a JSON tree: "thresholds.fused.levels[3]"."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _leaves(value, f"{where}[{i}]")
+    else:
+        yield where, tree
+
+
+SCHEMA_VERSION = 1
+SIGNALS = ("detrigger", "masked_ae", "strip", "activation")  # what build_pipeline runs: the fusion tables' keys
+# service.preprocess.image_to_pixels turns every upload into 8-bit gray: one channel is all it can feed.
+COLORS = ("L",)
+BLENDS = ("sum", "mean")
+# The tensors the service feeds and fetches by name (Bundle.classify, image_model, stamp_reversed).
+TENSORS = {
+    "classifier": (("images",), ("logits", "features")),
+    "detrigger_ae": (("images",), ("restored",)),
+    "masked_ae": (("images",), ("restored",)),
+    "reversed_triggers": (("images", "label"), ("stamped",)),
+}
+IMAGE_TENSORS = ("images", "restored", "stamped")  # (batch, C, H, W), as the preprocessing contract makes them
+Shape = list[int | str | None]  # as ONNX Runtime reports it: a dynamic axis is a name ("batch") or None
+Check = Callable[[Any], str | None]  # a manifest value -> what is wrong with it, or None
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """An ONNX model's tensors as its session reports them: name -> shape."""
+
+    inputs: dict[str, Shape]
+    outputs: dict[str, Shape]
+
+    @classmethod
+    def of(cls, session: Any) -> ModelIO:
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        return cls({t.name: list(t.shape) for t in inputs}, {t.name: list(t.shape) for t in outputs})
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def show(v: Any) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def real(lo: float = -math.inf, hi: float = math.inf, *, open_lo: bool = False, open_hi: bool = False) -> Check:
+    """A finite number in [lo, hi]; open_lo / open_hi leave the bound out."""
+    if math.isinf(lo) and math.isinf(hi):
+        want = "a finite number"
+    elif math.isinf(hi):
+        want = f"a finite number {'>' if open_lo else '>='} {lo:g}"
+    else:
+        want = f"a finite number in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+
+    def check(v: Any) -> str | None:
+        ok = _is_real(v) and (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)
+        return None if ok else f"{show(v)}, must be {want}"
+
+    return check
+
+
+def integer(lo: int, hi: int) -> Check:
+    return lambda v: None if _is_int(v) and lo <= v <= hi else f"{show(v)}, must be an integer in [{lo}, {hi}]"
+
+
+def text(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.strip() else f"{show(v)}, must be a non-empty string"
+
+
+def one_of(*allowed: Any) -> Check:
+    def check(v: Any) -> str | None:
+        ok = any(type(v) is type(a) and v == a for a in allowed)
+        return None if ok else f"{show(v)}, must be one of {', '.join(map(show, allowed))}"
+
+    return check
+
+
+def keys(*names: str) -> Check:
+    want = sorted(names)
+
+    def check(v: Any) -> str | None:
+        got = sorted(v) if isinstance(v, dict) else v
+        return None if got == want else f"has keys {show(got)}, must have exactly {show(want)}"
+
+    return check
+
+
+def items(each: Check, *, nonempty: bool = False, distinct: bool = False) -> Check:
+    """A list whose every item passes `each`."""
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list) or (nonempty and not v):
+            return f"{show(v)}, must be a {'non-empty ' if nonempty else ''}list"
+        for i, item in enumerate(v):
+            if problem := each(item):
+                return f"[{i}] = {problem}"
+        seen = [json.dumps(item) for item in v]
+        if distinct and (twice := [item for i, item in enumerate(seen) if item in seen[:i]]):
+            return f"{twice[0]} appears more than once, must be listed once"
+        return None
+
+    return check
+
+
+def matches(n: int, of: str) -> Check:
+    return lambda v: None if _is_int(v) and v == n else f"{show(v)}, must be {n} ({of})"
+
+
+def count(n: int, of: str) -> Check:
+    return lambda v: None if not isinstance(v, list) or len(v) == n else f"{len(v)} entries, {of} has {n}"
+
+
+def series(each: Check, *, strict: bool, length: int | None = None) -> Check:
+    """A non-empty list of numbers passing `each` that never decreases (strict: always increases)."""
+    as_list = items(each, nonempty=True)
+
+    def check(v: Any) -> str | None:
+        if problem := as_list(v):
+            return problem
+        if length is not None and len(v) != length:
+            return f"{len(v)} values, must be {length} (one per level)"
+        for i, (a, b) in enumerate(pairwise(v), 1):
+            if b < a or (strict and b == a):
+                return f"[{i}] = {b:g} after {a:g}, must {'increase' if strict else 'never decrease'}"
+        return None
+
+    return check
+
+
+def neurons(classes: int, width: int) -> Check:
+    """Neural Cleanse's label -> indices of the penultimate-layer neurons its reversed trigger excites most."""
+    label, each = integer(0, classes - 1), items(integer(0, width - 1), nonempty=True)
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, dict) or not v:
+            return f"{show(v)}, must map at least one label to its neurons"
+        for key, indices in v.items():
+            if not (key.isascii() and key.isdigit()) or label(int(key)):
+                return f"label {show(key)}, must be an integer in [0, {classes - 1}]"
+            if problem := each(indices):
+                return f"label {key}: {problem}"
+        return None
+
+    return check
+
+
+def _fixed(shape: Shape | None, rank: int) -> list[int] | None:
+    """The fixed dimensions after the batch axis of a tensor of this rank, or None."""
+    if shape is None or len(shape) != rank:
+        return None
+    dims = [d for d in shape[1:] if isinstance(d, int) and not isinstance(d, bool)]
+    return dims if len(dims) == rank - 1 else None
+
+
+def _recorded(spec: Any) -> dict[str, Any]:
+    """The manifest's [{"name", "shape", "dtype"}] as name -> shape; empty if malformed (then every tensor differs)."""
+    if not isinstance(spec, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in spec):
+        return {}
+    return {t["name"]: t.get("shape") for t in spec}
+
+
+def _io_problems(manifest: Mapping[str, Any], models: Mapping[str, ModelIO], chw: list[int]) -> list[str]:
+    """The tensors the service feeds and fetches exist, image tensors are [batch, *chw], and the manifest
+    records each model's tensors as the session reports them."""
+    problems = []
+    for name, (inputs, outputs) in TENSORS.items():
+        for kind, needed in (("inputs", inputs), ("outputs", outputs)):
+            actual: dict[str, Shape] = getattr(models[name], kind)
+            recorded, where = _recorded(manifest["files"][name].get(kind)), f"files.{name}.{kind}"
+            problems += [f"{where}: the ONNX model has no {t!r}" for t in needed if t not in actual]
+            problems += [
+                f"{where}: {t} has shape {shape}, must be [batch, {', '.join(map(str, chw))}]"
+                for t, shape in actual.items()
+                if t in IMAGE_TENSORS and _fixed(shape, 4) != chw
+            ]
+            problems += [
+                f"{where}: {t} recorded as {show(recorded.get(t))}, the ONNX model has {show(actual.get(t))}"
+                for t in sorted(recorded.keys() | actual.keys())
+                if recorded.get(t) != actual.get(t)
+            ]
+    return problems
+
+
+def _bank_problems(bank: np.ndarray, chw: list[int], recorded: Any) -> list[str]:
+    """The STRIP bank: clean images (M, C, H, W) in [0, 1], as many as the manifest says."""
+    where = "files.strip_bank"
+    if bank.ndim != 4 or list(bank.shape[1:]) != chw or not np.issubdtype(bank.dtype, np.number):
+        return [f"{where}: {bank.dtype} {list(bank.shape)}, must be numbers shaped [M, {', '.join(map(str, chw))}]"]
+    problems = []
+    if recorded != list(bank.shape):
+        problems.append(f"{where}.shape: {show(recorded)}, the file holds {list(bank.shape)}")
+    if not np.isfinite(bank).all():
+        problems.append(f"{where}: {int((~np.isfinite(bank)).sum())} non-finite values, must be images in [0, 1]")
+    elif len(bank) and (bank.min() < 0 or bank.max() > 1):
+        problems.append(f"{where}: values in [{bank.min():g}, {bank.max():g}], must be images in [0, 1]")
+    return problems
+
+
+_MISSING = object()
+
+
+def _at(manifest: Mapping[str, Any], where: str) -> Any:
+    """The value at a dotted path ("thresholds.fused.levels"), or _MISSING."""
+    value: Any = manifest
+    for key in where.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO], bank: np.ndarray) -> None:
+    """Every value the service reads from the manifest, against its range and the ONNX models it describes.
+
+    A value out of range can fail open (a threshold no score reaches) as surely as a NaN, so the service and
+    `backdoor-guard verify` refuse the bundle with one line that lists every problem.
+    """
+    clf = models["classifier"]
+    chw = _fixed(clf.inputs.get("images"), 4)
+    logits, features = _fixed(clf.outputs.get("logits"), 2), _fixed(clf.outputs.get("features"), 2)
+    if chw is None or logits is None or features is None:  # every check below is relative to these shapes
+        raise BundleError(
+            f"files.classifier: the ONNX model must take images [batch, C, H, W] and give logits and features "
+            f"[batch, width]; it takes {clf.inputs} and gives {clf.outputs}"
+        )
+    classes, width, (_, height, width_px) = logits[0], features[0], chw
+    rules: list[tuple[str, Check]] = [
+        ("schema_version", one_of(SCHEMA_VERSION)),
+        ("name", text),
+        ("class_names", items(text, nonempty=True, distinct=True)),
+        ("class_names", count(classes, "the classifier's logits output")),
+        ("preprocessing", keys(*(f.name for f in fields(Preprocessing)))),
+        ("preprocessing.height", matches(height, "the ONNX models' input height")),
+        ("preprocessing.width", matches(width_px, "the ONNX models' input width")),
+        ("preprocessing.color", one_of(*COLORS)),
+        ("preprocessing.resample", one_of(*(r.lower() for r in Image.Resampling.__members__))),
+        ("preprocessing.scale", real(0, open_lo=True)),
+        ("preprocessing.layout", one_of("NCHW")),
+        ("configs.strip.n", integer(1, len(bank))),
+        ("configs.strip.blend", one_of(*BLENDS)),
+        ("neural_cleanse.flagged_labels", items(integer(0, classes - 1), distinct=True)),
+        ("neural_cleanse.activation_neurons", neurons(classes, width)),
+    ]
+    if "thresholds" in manifest:  # absent until calibration, which loads the bundle to compute them
+        levels = _at(manifest, "thresholds.fused.levels")
+        rules += [
+            ("thresholds.target_fpr", real(0, 1, open_lo=True, open_hi=True)),
+            ("thresholds.masked_ae.threshold", real(-1, 1)),  # a drop in probability
+            # An entropy in bits; below 0 is legitimate: a normal fitted to skewed clean entropies (Gao et al.)
+            # can put its 1% point there, and the signal then never fires on its own (fusion still uses it).
+            ("thresholds.strip.threshold", real(hi=math.log2(classes))),
+            ("thresholds.activation.threshold", real()),
+            ("thresholds.fused.threshold", real(0, 1)),  # a clean percentile
+            ("thresholds.fused.levels", series(real(0, 1, open_hi=True), strict=True)),
+            ("thresholds.fused.quantiles", keys(*SIGNALS)),
+            ("thresholds.fused.tail_scale", keys(*SIGNALS)),
+        ]
+        length = len(levels) if isinstance(levels, list) else None
+        rules += [(f"thresholds.fused.quantiles.{s}", series(real(), strict=False, length=length)) for s in SIGNALS]
+        rules += [(f"thresholds.fused.tail_scale.{s}", real(0, open_lo=True)) for s in SIGNALS]
+    problems = _io_problems(manifest, models, chw)
+    for where, check in rules:
+        value = _at(manifest, where)
+        if problem := "missing" if value is _MISSING else check(value):
+            problems.append(f"{where}: {problem}")
+    problems += _bank_problems(bank, chw, manifest["files"]["strip_bank"].get("shape"))
+    if problems:
+        raise BundleError(f"{MANIFEST} has values the guard cannot trust: " + "; ".join(problems))

@@ -1,0 +1,305 @@
+"""The guard never fails open on a bad or edited manifest: every value checked at load, the root digest pinned,
+and a score that is not a number fails the request instead of passing the image as clean."""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app, load_bundle
+from service.bundle import Bundle, BundleError
+from service.guard import DetriggerSignal, Fusion, GuardPipeline, NonFiniteScore, Prediction, Signal, SignalResult
+from service.settings import Settings
+from tests.conftest import MODELS, ROOT
+from tests.live import free_port, run_service
+from tests.service.conftest import files, png, wait_ready
+
+SHIPPED = json.loads((MODELS / "manifest.json").read_text())
+SHIPPED_BANK = np.load(MODELS / SHIPPED["files"]["strip_bank"]["path"])  # float32 (M, 1, 28, 28) clean images
+FUSED = SHIPPED["thresholds"]["fused"]
+NAN, INF = math.nan, math.inf
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    """The shipped bundle's manifest and the files it lists (not the training checkpoints), in tmp_path."""
+    copy = tmp_path / "models"
+    copy.mkdir()
+    for name in ["manifest.json", *(entry["path"] for entry in SHIPPED["files"].values())]:
+        shutil.copy(MODELS / name, copy / name)
+    return copy
+
+
+def put(root: Path, where: str, value: Any) -> None:
+    """Set the manifest's value at a dotted path ("thresholds.fused.levels.4"); json writes NaN as NaN."""
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    *parents, last = where.split(".")
+    node = manifest
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], env={**os.environ, **env}, cwd=ROOT,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def exit_of(env: dict[str, str]) -> tuple[int, str]:
+    """Start the service; (exit status, output) once it stops, killed if it is still up after 60 s."""
+    proc = run_service({"GUARD_HOST": "127.0.0.1", "GUARD_PORT": str(free_port()), **env})
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # it started: the refusal this test wants did not happen
+        proc.kill()
+        output, _ = proc.communicate()
+    return proc.returncode, output
+
+
+def refusal(root: Path, **kw: Any) -> str:
+    """Bundle.load's one-line BundleError on this bundle."""
+    with pytest.raises(BundleError) as caught:
+        Bundle.load(root, **kw)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+# (dotted path edited, value written, the field the one-line error must name)
+BAD_EDITS = [
+    ("thresholds.fused.threshold", NAN, "thresholds.fused.threshold"),
+    ("thresholds.fused.threshold", INF, "thresholds.fused.threshold"),
+    ("thresholds.fused.threshold", 1.5, "thresholds.fused.threshold"),
+    ("thresholds.fused.threshold", -0.1, "thresholds.fused.threshold"),
+    ("thresholds.masked_ae.threshold", NAN, "thresholds.masked_ae.threshold"),
+    ("thresholds.masked_ae.threshold", 1.01, "thresholds.masked_ae.threshold"),
+    ("thresholds.strip.threshold", -INF, "thresholds.strip.threshold"),
+    ("thresholds.strip.threshold", 3.33, "thresholds.strip.threshold"),  # above log2(10): every image flagged
+    ("thresholds.activation.threshold", NAN, "thresholds.activation.threshold"),
+    ("thresholds.activation.threshold", INF, "thresholds.activation.threshold"),
+    ("thresholds.activation.threshold", "5.6", "thresholds.activation.threshold"),
+    ("thresholds.target_fpr", 0.0, "thresholds.target_fpr"),
+    ("thresholds.fused.levels.4", FUSED["levels"][2], "thresholds.fused.levels"),  # not increasing
+    ("thresholds.fused.levels.90", 1.0, "thresholds.fused.levels"),  # the tail starts below 1
+    ("thresholds.fused.quantiles.strip.5", FUSED["quantiles"]["strip"][4] - 1.0, "thresholds.fused.quantiles.strip"),
+    ("thresholds.fused.quantiles.detrigger", FUSED["quantiles"]["detrigger"][:-1], "thresholds.fused.quantiles"),
+    ("thresholds.fused.quantiles.strip.3", NAN, "thresholds.fused.quantiles.strip[3]"),
+    ("thresholds.fused.quantiles", {k: FUSED["quantiles"][k] for k in ("detrigger", "strip")}, "fused.quantiles"),
+    ("thresholds.fused.tail_scale.masked_ae", -0.2, "thresholds.fused.tail_scale.masked_ae"),
+    ("thresholds.fused.tail_scale.activation", 0, "thresholds.fused.tail_scale.activation"),
+    ("class_names", SHIPPED["class_names"][:9], "class_names"),
+    ("class_names.9", "Bag", "class_names"),  # two classes with one name
+    ("configs.strip.n", 257, "configs.strip.n"),  # the bank holds 256
+    ("configs.strip.n", 0, "configs.strip.n"),
+    ("configs.strip.blend", "max", "configs.strip.blend"),
+    ("neural_cleanse.activation_neurons.0", [155, 200], "neural_cleanse.activation_neurons"),  # 200 features
+    ("neural_cleanse.activation_neurons.0", [], "neural_cleanse.activation_neurons"),
+    ("neural_cleanse.activation_neurons", {"10": [155]}, "neural_cleanse.activation_neurons"),
+    ("neural_cleanse.flagged_labels", [10], "neural_cleanse.flagged_labels"),
+    ("preprocessing.height", 32, "preprocessing.height"),  # the ONNX models take 28
+    ("preprocessing.color", "RGB", "preprocessing.color"),
+    ("preprocessing.resample", "smooth", "preprocessing.resample"),
+    ("preprocessing.scale", 0, "preprocessing.scale"),
+    ("preprocessing.layout", "NHWC", "preprocessing.layout"),
+    ("schema_version", 2, "schema_version"),
+    ("name", "", "name"),
+    ("files.classifier.outputs.0.shape", ["batch", 9], "files.classifier.outputs"),
+    ("files.strip_bank.shape", [128, 1, 28, 28], "files.strip_bank.shape"),
+]
+
+
+@pytest.mark.parametrize(("where", "value", "field"), BAD_EDITS, ids=[f"{w}={v!r}" for w, v, _ in BAD_EDITS])
+def test_a_bad_manifest_value_is_refused_with_one_line_naming_it(
+    bundle: Path, where: str, value: Any, field: str
+) -> None:
+    Bundle.load(bundle)  # the untouched copy loads
+    put(bundle, where, value)
+    assert field in refusal(bundle)
+
+
+def test_every_problem_is_reported_at_once(bundle: Path) -> None:
+    put(bundle, "thresholds.fused.threshold", 2.0)
+    put(bundle, "configs.strip.blend", "max")
+    message = refusal(bundle)
+    assert "thresholds.fused.threshold: 2.0" in message and "configs.strip.blend: " in message
+    assert message.count("; ") == 1
+
+
+def test_an_uncalibrated_bundle_still_loads_for_calibration(bundle: Path) -> None:
+    """Calibration loads the bundle before it has thresholds; the service then refuses it (Runtime.build)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["thresholds"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert Bundle.load(bundle).manifest.keys() == manifest.keys()
+
+
+@pytest.mark.slow
+def test_verify_refuses_a_nan_threshold_with_one_line(bundle: Path) -> None:
+    put(bundle, "thresholds.fused.threshold", NAN)
+    result = cli("verify", env={"GUARD_MODELS_DIR": str(bundle)})
+    assert result.returncode == 1, result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "thresholds.fused.threshold is NaN" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_service_does_not_start_on_a_nan_threshold(bundle: Path) -> None:
+    put(bundle, "thresholds.fused.threshold", NAN)
+    status, output = exit_of({"GUARD_MODELS_DIR": str(bundle)})
+    assert status != 0, output
+    assert "thresholds.fused.threshold is NaN" in output
+    # One line and exit 1, not uvicorn's traceback and exit 3: `serve` loads the bundle before uvicorn starts.
+    assert status == 1 and len(output.strip().splitlines()) == 1, output
+
+
+# The root digest and its pin
+
+
+@pytest.mark.slow
+def test_the_service_does_not_start_when_the_pin_differs() -> None:
+    pin = hashlib.sha256(b"another bundle's manifest").hexdigest()
+    status, output = exit_of({"GUARD_BUNDLE_SHA256": pin})
+    assert status == 1 and len(output.strip().splitlines()) == 1, output
+    assert f"GUARD_BUNDLE_SHA256 pins {pin}" in output, output
+
+
+def test_the_root_digest_is_the_sha256_of_the_manifest_bytes(bundle: Path) -> None:
+    digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    assert Bundle.load(bundle, expected_digest=digest).digest == digest
+
+
+def test_any_edit_of_the_manifest_breaks_the_pin(bundle: Path) -> None:
+    path = bundle / "manifest.json"
+    pinned = hashlib.sha256(path.read_bytes()).hexdigest()
+    old = f'"clean_accuracy": {SHIPPED["metrics"]["classifier"]["clean_accuracy"]},'
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, old.replace("0.9161", "0.9162")))  # same length, same whitespace
+    Bundle.load(bundle)  # a valid bundle, only not the pinned one
+    message = refusal(bundle, expected_digest=pinned)
+    assert pinned in message and hashlib.sha256(path.read_bytes()).hexdigest() in message
+
+
+@pytest.mark.slow
+def test_verify_prints_the_root_digest_and_honours_the_pin(bundle: Path) -> None:
+    path = bundle / "manifest.json"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    env = {"GUARD_MODELS_DIR": str(bundle), "GUARD_BUNDLE_SHA256": digest}
+    result = cli("verify", env=env)
+    assert result.returncode == 0, result.stderr
+    assert digest in result.stdout and "5 files verified" in result.stdout
+    path.write_text(path.read_text().replace('"dataset": "fashion-mnist"', '"dataset": "fashion-mnisT"'))
+    result = cli("verify", env=env)
+    # One line of refusal. Until service.app.load_bundle passes expected_digest, Runtime.build refuses after
+    # the load has logged (INFO) that the files verified; then the refusal is the only line.
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("backdoor-guard:")]
+    assert result.returncode == 1 and len(refusals) == 1, result.stderr
+    assert f"GUARD_BUNDLE_SHA256 pins {digest}" in refusals[0] and result.stderr.endswith(refusals[0] + "\n")
+    result = cli("verify", env={**env, "GUARD_BUNDLE_SHA256": digest.upper()})
+    assert result.returncode == 2 and "GUARD_BUNDLE_SHA256" in result.stderr  # lowercase hex only
+
+
+# Fail closed at run time
+
+
+class Fixed(Signal):
+    """A signal that returns given scores: stands in for one that cannot score an image."""
+
+    name = "fixed"
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = np.array(scores)
+
+    def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
+        return SignalResult(self.scores, np.zeros(len(x), bool))
+
+
+def uniform_classify(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((len(images), 3), np.float32), np.zeros((len(images), 4), np.float32)
+
+
+def fusion(tail_scale: float = 1.0) -> Fusion:
+    levels = np.array([0.0, 0.5, 0.9])
+    tables = {"detrigger": np.array([-1.0, 0.0, 1.0]), "fixed": np.array([0.0, 1.0, 2.0])}
+    return Fusion(levels, tables, {"detrigger": 1.0, "fixed": tail_scale}, threshold=0.95)
+
+
+def guard(scores: list[float], fused: Fusion | None) -> GuardPipeline:
+    return GuardPipeline(uniform_classify, [DetriggerSignal(lambda x: x), Fixed(scores)], fused)
+
+
+X = np.zeros((3, 1, 2, 2), np.float32)
+
+
+def test_finite_scores_get_a_verdict() -> None:
+    result = guard([0.5, 3.0, 1.0], fusion()).run(X)
+    # Reference: percentiles by hand. Fixed: 0.25, 1 - 0.1 exp(-1), 0.5; detrigger's drop 0 -> 0.5.
+    np.testing.assert_allclose(result.score, [0.5, 1 - 0.1 * math.exp(-1), 0.5])
+    assert result.backdoor.tolist() == [False, True, False]  # 0.963 > 0.95
+    assert np.isnan(guard([0.5, 3.0, 1.0], None).run(X).score).all()  # uncalibrated: no fused score, by design
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_a_signal_that_cannot_score_an_image_fails_the_batch(bad: float) -> None:
+    for fused in (fusion(), None):
+        with pytest.raises(NonFiniteScore, match=r"fixed for image\(s\) \[1\]"):  # the service's 500 guard_failed
+            guard([0.5, bad, 1.0], fused).run(X)
+
+
+def test_a_fused_score_that_is_not_a_number_fails_the_batch() -> None:
+    with pytest.raises(NonFiniteScore, match=r"fused for image\(s\) \[1\]"):
+        guard([0.5, 3.0, 1.0], fusion(tail_scale=NAN)).run(X)  # only image 1 reaches the tail
+
+
+def masked_ae_nan_on_white(settings: Settings) -> Bundle:
+    """The real bundle, but the masked AE restores an all-white image to NaN: a signal it cannot compute."""
+    bundle = load_bundle(settings)
+    image_model = bundle.image_model
+
+    def broken(name: str) -> Callable[[np.ndarray], np.ndarray]:
+        model = image_model(name)
+        if name != "masked_ae":
+            return model
+
+        def restore(images: np.ndarray) -> np.ndarray:
+            restored = model(images)
+            restored[(images == 1).all(axis=(1, 2, 3))] = np.nan
+            return restored
+
+        return restore
+
+    bundle.image_model = broken  # type: ignore[method-assign]
+    return bundle
+
+
+def test_the_app_answers_500_not_a_clean_verdict_when_a_signal_fails() -> None:
+    settings = Settings(models_dir=MODELS)
+    with TestClient(create_app(settings, loader=masked_ae_nan_on_white)) as client:
+        wait_ready(client)  # the warm-up batch (bank images) has no white image
+        white, clean = np.full((28, 28), 255, np.uint8), (SHIPPED_BANK[0, 0] * 255).round().astype(np.uint8)
+        response = client.post("/classify", files=files(png(white)))
+        assert response.status_code == 500, response.text
+        assert response.json()["error"]["code"] == "guard_failed"
+        response = client.post("/classify", files=files(png(clean)))  # the failure was the white image's alone
+        assert response.status_code == 200 and response.json()["results"][0]["backdoor"] is False
+        digest = hashlib.sha256((MODELS / "manifest.json").read_bytes()).hexdigest()
+        meta = client.get(f"/v2/models/{SHIPPED['name']}").json()
+        assert meta["bundle_sha256"] == digest and meta["sha256"] == SHIPPED["files"]["classifier"]["sha256"]
+        assert f'bundle_sha256="{digest}"' in client.get("/metrics").text
