@@ -77,10 +77,7 @@ class MicroBatcher:
         reading a header, not of decoding and then refusing.
         """
         if self.pending + n > self.max_queue:
-            raise Overloaded(
-                f"{self.pending} images are already waiting or running (limit {self.max_queue}); retry shortly",
-                headers={"Retry-After": "1"},
-            )
+            raise self.overloaded()
         self.pending += n
         try:
             yield
@@ -90,6 +87,12 @@ class MicroBatcher:
     @property
     def full(self) -> bool:
         return self.pending >= self.max_queue
+
+    def overloaded(self) -> Overloaded:
+        return Overloaded(
+            f"{self.pending} images are already waiting or running (limit {self.max_queue}); retry shortly",
+            headers={"Retry-After": "1"},
+        )
 
     async def submit(self, images: np.ndarray) -> GuardResult:
         """Guard one request's images; raises Overloaded when the queue is full."""

@@ -31,6 +31,7 @@ from service.errors import (
 from service.guard import GuardResult
 from service.runtime import Runtime, RuntimeDep
 from service.schemas import ClassifyResponse
+from service.settings import Settings
 from service.upload import UploadLimits, check_declared_length, read_uploads
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def upload_body(max_files: int) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-UPLOAD_BODY = upload_body(64)  # the default limit; create_app sets its own app's (GUARD_MAX_FILES)
+# The default limit; create_app documents its own app's GUARD_MAX_FILES.
+UPLOAD_BODY = upload_body(Settings.model_fields["max_files"].default)
 
 
 def _check_key(runtime: Runtime, given: str | None) -> None:
@@ -70,10 +72,7 @@ def _admit(request: Request, runtime: Runtime, x_api_key: str | None) -> UploadL
         raise NotReady(runtime.warmup_error or "warming up; retry shortly", headers={"Retry-After": "1"})
     s = runtime.settings
     if runtime.batcher.full:
-        raise Overloaded(
-            f"{runtime.batcher.pending} images are already waiting or running (limit {s.max_queue}); retry shortly",
-            headers={"Retry-After": "1"},
-        )
+        raise runtime.batcher.overloaded()
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
         raise WrongContentType("send multipart/form-data with one or more file parts named `files`")
     limits = UploadLimits(s.max_files, s.max_file_bytes, s.body_timeout_s)
