@@ -55,6 +55,12 @@ def resize_target(contract: Preprocessing, transpose: Image.Transpose | None = N
     return contract.width, contract.height
 
 
+def _premultiplied_gray(image: Image.Image) -> Image.Image:
+    """ "RGBa" or "La" -> "L": the premultiplied colour (the composite onto black) in gray, alpha dropped."""
+    bands = image.split()
+    return bands[0] if image.mode == "La" else Image.merge("RGB", bands[:3]).convert("L")
+
+
 def image_to_pixels(
     image: Image.Image,
     contract: Preprocessing = Preprocessing(),
@@ -65,11 +71,11 @@ def image_to_pixels(
     """Any Pillow image (any mode, any size) -> uint8 (H, W) grayscale at the contract's size.
 
     Each mode is reduced to the small size as early as its numbers allow, so a 40-megapixel upload costs at most
-    about two full-size buffers besides its own pixels:
+    one full-size copy besides its own pixels:
 
     - "L", "RGB", "1", "CMYK", "P" without transparency and every other mode: Pillow's convert("L"), then resize.
     - "RGBA", "LA", "PA", and "P"/"1"/"L"/"RGB" with a transparency key: alpha composited onto black (the datasets'
-      background) on one-byte planes, gray x alpha / 255, then resize.
+      background) by premultiplying at full size, then resize, then gray from the premultiplied colour.
     - "RGBa", "La": premultiplied colour is already the composite on black: alpha is dropped.
     - "I;16*": 16-bit samples, resized at 16 bits, then scaled by 1/257 (65535 -> 255), rounded.
     - "I", "F": Pillow's convention, 0..255 levels rounded and clipped (a 16-bit PNG that older Pillow versions
@@ -90,9 +96,7 @@ def image_to_pixels(
         levels = np.asarray(small(image)).astype(np.float32) / np.float32(257)
         gray = Image.fromarray(np.rint(levels).astype(np.uint8), mode="L")
     elif mode in PREMULTIPLIED:
-        bands = image.split()  # one-byte planes; these modes only exist in memory, never straight from a file
-        colour = bands[0] if mode == "La" else Image.merge("RGB", bands[:3]).convert("L")
-        gray = small(colour)
+        gray = small(_premultiplied_gray(image))  # these modes only exist in memory, never straight from a file
     elif mode in ALPHA or (mode in ("P", "1", "L", "RGB") and "transparency" in image.info):
         if mode not in ("RGBA", "LA"):
             image = image.convert("RGBA")  # applies the palette's or the key colour's transparency
@@ -101,9 +105,7 @@ def image_to_pixels(
         # for RGBA). convert and resize release the GIL; getchannel, split and paste on the full-size image hold
         # it for tens of milliseconds each, which the event loop (and /v2/health/live) would feel. Shrinking
         # before taking gray puts an opaque RGBA image within 1 level of its RGB twin, not always on it.
-        premultiplied = small(image.convert("RGBa" if image.mode == "RGBA" else "La"))
-        bands = premultiplied.split()
-        gray = bands[0] if premultiplied.mode == "La" else Image.merge("RGB", bands[:3]).convert("L")
+        gray = _premultiplied_gray(small(image.convert("RGBa" if image.mode == "RGBA" else "La")))
     else:
         gray = small(image.convert(contract.color))
     if transpose is not None:

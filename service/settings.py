@@ -50,9 +50,10 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         8.0, ge=0, le=3600, description="on SIGTERM, seconds in-flight requests get to finish before they are cut"
     )
-    # ONNX Runtime's arenas keep the memory of the largest call they have seen: unchunked, one batch of 64
-    # images (2,240 classifier rows) held ~0.9 GB for good. Batches larger than this run as consecutive chunks
-    # of it, so a batch of 64 holds what single-image traffic at concurrency 8 holds anyway (reports/soak.md).
+    # ONNX Runtime's arenas keep the memory of the largest call they have seen: unchunked, batches of 64 images
+    # (2,240 classifier rows) held about 1 GB for good (the hardening issue measured 1,011 MiB). Larger batches
+    # run as consecutive chunks of this many images, so a batch of 64 holds what single-image traffic at
+    # concurrency 8 holds anyway (reports/soak.md).
     chunk_images: int = Field(
         8, ge=1, description="most images the guard runs through its models at once (bounds a batch's memory)"
     )
