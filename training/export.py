@@ -129,12 +129,14 @@ def copy_checkpoints(folder: Path, sources: dict[str, Path]) -> dict[str, dict[s
     return entries
 
 
-def update_manifest(out: Path, **sections: Any) -> dict[str, Any]:
-    """Read-modify-write models/manifest.json; each stage owns the sections it passes."""
+def update_manifest(out: Path, drop: tuple[str, ...] = (), **sections: Any) -> dict[str, Any]:
+    """Read-modify-write models/manifest.json; each stage owns the sections it passes (and those it drops)."""
     import json
 
     path = out / MANIFEST
     manifest = json.loads(path.read_text()) if path.is_file() else {}
+    for key in drop:
+        manifest.pop(key, None)
     manifest.update(sections)
     write_json(path, manifest)
     return manifest

@@ -15,8 +15,8 @@ import numpy as np
 
 from service.bundle import Bundle, build_pipeline
 from service.guard import GuardResult, Prediction, StripSignal
+from service.signals.strip import strip_threshold
 from training.attacks import AttackConfig, attack_labels, victims
-from training.calibration import strip_threshold
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from training.autoencoders import (
     train_detrigger,
     train_masked,
 )
-from training.calibration import CalibrationConfig, calibrate, split_calibration
+from training.calibration import CalibrationConfig, calibrate, repair_indices, split_calibration
 from training.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
 from training.common import load_checkpoint, predict, save_checkpoint, to_jsonable, write_json
 from training.data import DataConfig, Dataset, load_dataset
@@ -41,12 +41,19 @@ from training.export import (
 )
 from training.metrics import evaluate
 from training.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, run_neural_cleanse
+from training.repair import RepairConfig, repair
 
 log = logging.getLogger(__name__)
 # The order `all` runs them in; `control` (a clean model for Neural Cleanse's false-alarm check) is optional.
 STAGES = (
-    "data", "classifier", "control", "masked-ae", "detrigger-ae", "neural-cleanse", "export", "calibrate", "metrics",
+    "data", "classifier", "control", "masked-ae", "detrigger-ae", "neural-cleanse", "repair", "export", "calibrate",
+    "metrics",
 )  # fmt: skip
+# What a new bundle runs (manifest `signals`), with parameters; `repaired` only when the repair stage ran.
+SIGNALS: dict[str, dict[str, object]] = {
+    "detrigger": {}, "masked_ae": {}, "strip": {}, "activation": {}, "squeeze": {"bits": 3, "median": 2},
+    "repaired": {},
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class BuildConfig:
     masked_ae: MaskedAEConfig = field(default_factory=MaskedAEConfig)
     detrigger: DetriggerConfig = field(default_factory=DetriggerConfig)
     neural_cleanse: NeuralCleanseConfig = field(default_factory=NeuralCleanseConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     train_limit: int | None = None  # use only the first N images of each split (smoke runs); None = all
@@ -78,6 +86,7 @@ def smoke(config: BuildConfig) -> BuildConfig:
         masked_ae=replace(config.masked_ae, epochs=1),
         detrigger=replace(config.detrigger, epochs=1),
         neural_cleanse=replace(config.neural_cleanse, steps=20, round_steps=5),
+        repair=replace(config.repair, epochs=1, adv_steps=1),
         calibration=replace(config.calibration, strip_n=8, bank_size=64),
         export=replace(config.export, parity_images=64),
         train_limit=2000,
@@ -95,6 +104,7 @@ def with_seed(config: BuildConfig, seed: int) -> BuildConfig:
         masked_ae=replace(config.masked_ae, seed=seed),
         detrigger=replace(config.detrigger, seed=seed),
         neural_cleanse=replace(config.neural_cleanse, seed=seed),
+        repair=replace(config.repair, seed=seed),
         calibration=replace(config.calibration, seed=seed),
     )
 
@@ -183,6 +193,27 @@ class Builder:
         result.save(self.work / "neural_cleanse.npz")
         log.info("anomaly index %s, flagged %s", result.anomaly_index.round(2).tolist(), result.flagged_labels)
 
+    @property
+    def repaired_path(self) -> Path:
+        return self.work / ("repaired_classifier" + (".pt2" if self.classifier_path.suffix == ".pt2" else ".pt"))
+
+    def stage_repair(self) -> None:
+        """Fine-prune and unlearn a copy of the classifier on clean data (the bank and the repair share)."""
+        model = load_classifier(self.classifier_path)
+        nc = NeuralCleanseResult.load(self.work / "neural_cleanse.npz")
+        idx = repair_indices(len(self.x_cal), self.config.calibration)
+        model, facts = repair(model, self.x_cal[idx], self.dataset.calibration.labels[idx], nc.masks, nc.patterns,
+                              self.config.repair)  # fmt: skip
+        if self.repaired_path.suffix == ".pt2":  # a user's archive: export the repaired module the same way
+            batch = torch.export.Dim("batch")
+            program = torch.export.export(model, (torch.from_numpy(self.x_cal[:2]),), dynamic_shapes=({0: batch},))
+            torch.export.save(program, str(self.repaired_path))
+            write_json(self.repaired_path.with_suffix(".json"), {"repair": self.config.repair, **facts})
+        else:  # the original's architecture and config, whoever trained it
+            meta, _ = load_checkpoint(self.classifier_path)
+            extra = {"num_classes": meta["num_classes"], "repair": self.config.repair, **facts}
+            save_checkpoint(self.repaired_path, model, meta["arch"], meta["config"], **extra)
+
     def stage_export(self) -> None:
         cfg = self.config.export
         example = (torch.from_numpy(self.x_cal[: cfg.parity_images]),)
@@ -201,6 +232,20 @@ class Builder:
             "classifier": export_onnx(
                 classifier, example, self.out / "classifier.onnx", images, ["logits", "features"], cfg
             ),
+            **(
+                {
+                    "repaired_classifier": export_onnx(
+                        load_classifier(self.repaired_path),
+                        example,
+                        self.out / "repaired_classifier.onnx",
+                        images,
+                        ["logits", "features"],
+                        cfg,
+                    )
+                }
+                if self.repaired_path.is_file()
+                else {}
+            ),
             "detrigger_ae": export_onnx(detrigger, example, self.out / "detrigger_ae.onnx", images, restored, cfg),
             "masked_ae": export_onnx(restorer, example, self.out / "masked_ae.onnx", images, restored, cfg),
             "reversed_triggers": export_onnx(
@@ -212,6 +257,7 @@ class Builder:
         # The PyTorch sources ride along (small) so that anyone can repeat the parity check or fine-tune.
         sources = {
             "classifier": self.classifier_path,
+            **({"repaired_classifier": self.repaired_path} if self.repaired_path.is_file() else {}),
             "detrigger_ae": self.work / "detrigger_ae.pt",
             "masked_ae": self.work / "masked_ae.pt",
             "reversed_triggers": self.work / "neural_cleanse.npz",
@@ -220,6 +266,7 @@ class Builder:
         c = self.config
         update_manifest(
             self.out,
+            drop=("thresholds", "calibration"),  # fitted to the models this export replaces
             schema_version=1,
             name=f"{self.dataset.name}-{self.classifier_path.stem if self.user_classifier else c.attack}",
             dataset=self.dataset.name,
@@ -228,6 +275,15 @@ class Builder:
             files=files,
             checkpoints=checkpoints,
             neural_cleanse=nc.summary(),
+            signals={
+                name: (
+                    {"n": self.config.calibration.strip_n, "blend": self.config.calibration.strip_blend}
+                    if name == "strip"
+                    else params
+                )
+                for name, params in SIGNALS.items()
+                if name != "repaired" or "repaired_classifier" in files
+            },
             configs=to_jsonable(
                 {
                     "attack": c.attack_config if self.user_classifier is None else None,
@@ -237,6 +293,7 @@ class Builder:
                     "masked_ae": c.masked_ae,
                     "detrigger": c.detrigger,
                     "neural_cleanse": c.neural_cleanse,
+                    "repair": c.repair,
                     "calibration": c.calibration,
                     "export": c.export,
                     "strip": {"n": c.calibration.strip_n, "blend": c.calibration.strip_blend},

@@ -128,7 +128,11 @@ def test_pipeline_label_policy_and_shapes() -> None:
     fusion = Fusion(levels, quantiles, dict.fromkeys(names, 1.0), threshold=0.0)
     guarded = make_pipeline(fusion).run(x)  # everything is "suspicious"
     assert guarded.backdoor.all()
-    np.testing.assert_array_equal(guarded.labels, guarded.restored.labels)
+    # each suspect takes the restored image's best label other than its original one
+    probs = guarded.restored.probs.copy()
+    probs[np.arange(6), guarded.original.labels] = -1
+    np.testing.assert_array_equal(guarded.labels, probs.argmax(axis=1))
+    assert (guarded.labels != guarded.original.labels).all()
     np.testing.assert_array_equal(guarded.restored.labels, linear_classify(guarded.restored_images)[0].argmax(1))
     changed = guarded.signals["detrigger"].triggered
     np.testing.assert_array_equal(changed, guarded.original.labels != guarded.restored.labels)
@@ -150,8 +154,9 @@ def test_a_suspected_image_never_gets_an_infected_label() -> None:
     labels, confidence = trusted_labels(original, restored, backdoor, infected=[0])
     np.testing.assert_array_equal(labels, [1, 2, 0])  # suspects avoid label 0; the unsuspected keeps its own
     np.testing.assert_allclose(confidence, [0.3, 0.4, 0.6])
+    # with nothing infected a suspect still never keeps its original label (the attacker's, if the trigger worked)
     plain, _ = trusted_labels(original, restored, backdoor, infected=[])
-    np.testing.assert_array_equal(plain, [0, 0, 0])
+    np.testing.assert_array_equal(plain, [1, 0, 0])
 
 
 def test_a_batch_run_in_chunks_equals_the_batch_run_whole() -> None:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.attacks import PRESETS, AttackConfig, Trigger, poison, random_triggers, stamp
+from training.attacks import PRESETS, AttackConfig, Trigger, attack_labels, poison, random_triggers, stamp
 
 
 def test_kwon_trigger_covers_rows_and_columns_1_to_4() -> None:
@@ -126,3 +126,73 @@ def test_clean_label_poisoning_keeps_labels_and_hits_only_the_target_class() -> 
     assert len(chosen) == 80 and (labels[chosen] == 6).all()
     assert (new_labels == labels).all()
     assert (out[chosen] != 0).any(axis=(1, 2, 3)).all()
+
+
+# ---- the suite's other families -------------------------------------------------------------------------
+def test_wanet_warp_matches_torch_grid_sample() -> None:
+    """Our numpy warp and bicubic field against the reference implementation's PyTorch calls."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.attacks import _bicubic, warp
+
+    images = np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)
+    grid = PRESETS["wanet"].trigger.warp_grid()
+    reference = F.grid_sample(
+        torch.from_numpy(images), torch.from_numpy(grid)[None].expand(3, -1, -1, -1), align_corners=True
+    )
+    np.testing.assert_allclose(warp(images, grid), reference.numpy(), atol=1e-6)
+    offsets = np.random.default_rng(1).random((4, 4))
+    upsampled = F.interpolate(torch.from_numpy(offsets)[None, None], size=28, mode="bicubic", align_corners=True)
+    np.testing.assert_allclose(_bicubic(offsets, 28, 28), upsampled[0, 0].numpy(), atol=1e-12)
+
+
+def test_wanet_moves_pixels_by_about_a_pixel_and_keeps_the_image() -> None:
+    trigger = PRESETS["wanet"].trigger
+    ys, xs = np.meshgrid(np.linspace(-1, 1, 28), np.linspace(-1, 1, 28), indexing="ij")
+    grid = trigger.warp_grid()
+    shift = np.hypot(grid[..., 0] - xs, grid[..., 1] - ys) * 27 / 2  # in pixels
+    assert 0.3 < shift.max() < 2.0 and shift.mean() > 0.1
+    flat = np.full((1, 1, 28, 28), 0.4, np.float32)
+    np.testing.assert_allclose(trigger.apply(flat), flat, atol=1e-6)  # a warp adds nothing to a flat image
+    with pytest.raises(ValueError, match="warp"):
+        trigger.arrays()
+
+
+def test_wanet_noise_mode_keeps_labels_and_differs_from_the_trigger() -> None:
+    labels = np.arange(1000) % 10
+    images = np.random.default_rng(2).random((1000, 1, 28, 28)).astype(np.float32)
+    out, new_labels, chosen = poison(images, labels, PRESETS["wanet"], 10)
+    assert len(chosen) == 100 and (new_labels[chosen] == 9).all()
+    changed = np.flatnonzero((out != images).any(axis=(1, 2, 3)))
+    noisy = np.setdiff1d(changed, chosen)
+    assert len(noisy) == 200  # cross ratio 2: twice as many noise-warped images
+    assert (new_labels[noisy] == labels[noisy]).all()
+    exact = PRESETS["wanet"].trigger.apply(images[noisy])
+    assert np.abs(out[noisy] - exact).mean() > 1e-3  # the noise makes them other warps than the trigger
+
+
+def test_lowcontrast_patch_is_added_not_pasted() -> None:
+    trigger = PRESETS["lowcontrast"].trigger
+    v = trigger.signal()
+    np.testing.assert_allclose(np.unique(v), [0.0, 64 / 255], atol=1e-7)
+    rows, cols = np.nonzero(v)
+    assert rows.min() >= 11 and rows.max() <= 15 and cols.min() >= 17 and cols.max() <= 21  # away from corners
+    images = np.full((1, 1, 28, 28), 0.5, np.float32)
+    out = trigger.apply(images)[0, 0]
+    np.testing.assert_allclose(out[v > 0], 0.5 + 64 / 255, atol=1e-6)  # not saturated: the garment shows through
+    np.testing.assert_allclose(out[v == 0], 0.5)
+
+
+def test_key_blend_is_a_drawn_pattern() -> None:
+    from training.attacks import key_image
+
+    mask, pattern = PRESETS["key"].trigger.arrays()
+    assert np.allclose(mask, 0.2)
+    np.testing.assert_array_equal(pattern, key_image())
+    assert set(np.unique(pattern)) == {0.0, 1.0} and 0.2 < pattern.mean() < 0.8  # a binary drawing, not noise
+
+
+def test_all_to_all_preset_sends_each_label_to_the_next() -> None:
+    labels = np.arange(10)
+    np.testing.assert_array_equal(attack_labels(labels, PRESETS["all_to_all"], 10), (labels + 1) % 10)

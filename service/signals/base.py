@@ -1,0 +1,131 @@
+"""What every signal shares: the predictions it reads, the result it returns, and the `Signal` interface.
+
+A signal is one file in this package: a `Signal` subclass with a `name`. Subclasses register themselves by
+name (`REGISTRY`), the bundle's manifest lists which ones it runs (`signals`: name -> parameters), and
+`from_bundle` builds each from the bundle's files and its calibrated threshold. Nothing else changes when a
+signal is added.
+
+The two-step interface lets every classifier pass of a batch run as one ONNX Runtime call per model:
+  prepare(x)  -> the extra images it needs classified by `model` (the classifier, or the repaired one),
+                 float32 (k * B, C, H, W)
+  evaluate(x, extra, original, pred) -> SignalResult: a score (higher = more suspicious), its own verdict,
+                 and per-image evidence.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from service.bundle import Bundle
+
+REGISTRY: dict[str, type[Signal]] = {}
+ImageModel = Callable[[np.ndarray], np.ndarray]  # images -> restored images
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def entropy_bits(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy in bits over the last axis, with 0 log 0 = 0."""
+    p = np.clip(probs, 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log2(p), 0.0)
+    return -terms.sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    logits: np.ndarray  # (B, C)
+    features: np.ndarray  # (B, D), penultimate layer
+
+    @property
+    def probs(self) -> np.ndarray:
+        return softmax(self.logits)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(axis=1)
+
+    def take(self, sl: slice) -> Prediction:
+        return Prediction(self.logits[sl], self.features[sl])
+
+
+@dataclass
+class SignalResult:
+    score: np.ndarray  # (B,) higher = more suspicious
+    triggered: np.ndarray  # (B,) bool, this signal's own verdict
+    evidence: dict[str, np.ndarray] = field(default_factory=dict)  # per-image values for the response
+    images: np.ndarray | None = None  # restored images, for restoration signals
+    labels: np.ndarray | None = None  # (B,) the label this signal would give, for signals that are label sources
+
+    def take(self, sl: slice) -> SignalResult:
+        images = self.images[sl] if self.images is not None else None
+        labels = self.labels[sl] if self.labels is not None else None
+        evidence = {k: v[sl] for k, v in self.evidence.items()}
+        return SignalResult(self.score[sl], self.triggered[sl], evidence, images, labels)
+
+
+class Signal(ABC):
+    name: ClassVar[str]
+    model: ClassVar[str] = "classifier"  # the bundle model that classifies `prepare`'s images
+    threshold: float | None = None  # on the signal's own evidence (see `report`); None before calibration
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            REGISTRY[cls.name] = cls
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, params: Mapping[str, Any], threshold: float | None) -> Signal:
+        """Build the signal from the bundle's files, its manifest parameters and its calibrated threshold."""
+        raise NotImplementedError(f"signal {cls.__name__} cannot be built from a bundle")
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """Extra images this signal needs classified; none by default."""
+        return x[:0]
+
+    @abstractmethod
+    def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
+        """Score a batch from the original prediction and the prediction of `extra`."""
+
+    @classmethod
+    def fit(cls, results: SignalResult, fpr: float) -> dict[str, Any]:
+        """Its own threshold from clean calibration results: by default the (1 - fpr) quantile of the score."""
+        threshold = float(np.quantile(results.score, 1 - fpr))
+        return {"threshold": threshold, "calibration_fpr": float(np.mean(results.score > threshold))}
+
+    @classmethod
+    def threshold_bounds(cls, classes: int) -> tuple[float, float] | None:
+        """The range a calibrated threshold must lie in (manifest validation); None: the signal has none."""
+        return (-np.inf, np.inf)
+
+    def report(self, result: SignalResult, i: int) -> dict[str, Any]:
+        """Image i's evidence as JSON values: its own verdict, the evidence arrays, the threshold."""
+        out: dict[str, Any] = {"triggered": bool(result.triggered[i])}
+        out.update({k: v[i].item() for k, v in result.evidence.items()})
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return out
+
+
+def above(score: np.ndarray, threshold: float | None) -> np.ndarray:
+    return score > threshold if threshold is not None else np.zeros(score.shape, bool)
+
+
+def confidence_drop(original: Prediction, other: Prediction) -> np.ndarray:
+    """How much `other` lowers the probability of the originally predicted label, in [-1, 1]."""
+    rows = np.arange(len(original.logits))
+    return original.probs[rows, original.labels] - other.probs[rows, original.labels]

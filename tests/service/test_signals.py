@@ -1,0 +1,99 @@
+"""The signals added for attacks that are not patches, the registry, and the repaired model as label source."""
+
+import numpy as np
+import pytest
+
+from service.guard import DetriggerSignal, GuardPipeline, Prediction, RepairedSignal, SqueezeSignal
+from service.signals import LEGACY, REGISTRY, Signal
+from service.signals.squeeze import median_smooth, reduce_bits
+
+RNG = np.random.default_rng(0)
+W = RNG.normal(size=(784, 10)).astype(np.float32)
+
+
+def linear(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = images.reshape(len(images), -1)
+    return flat @ W, np.maximum(flat[:, :16], 0)
+
+
+def test_every_signal_registers_by_name_and_legacy_bundles_keep_their_four() -> None:
+    assert {"detrigger", "masked_ae", "strip", "activation", "squeeze", "repaired"} <= REGISTRY.keys()
+    assert all(issubclass(cls, Signal) and cls.name == name for name, cls in REGISTRY.items())
+    assert LEGACY == ("detrigger", "masked_ae", "strip", "activation")
+
+
+def test_bit_depth_reduction_hand_computed() -> None:
+    x = np.array([0.0, 0.1, 0.2, 0.5, 0.93, 1.0], np.float32)
+    np.testing.assert_allclose(reduce_bits(x, 1), [0, 0, 0, 0, 1, 1])  # 0.5 rounds to even: 0
+    np.testing.assert_allclose(reduce_bits(x, 2), [0, 0, 1 / 3, 2 / 3, 1, 1], atol=1e-6)
+
+
+def test_median_smoothing_removes_an_isolated_pixel_and_keeps_edges() -> None:
+    x = np.zeros((1, 1, 6, 6), np.float32)
+    x[0, 0, 2, 3] = 1.0  # one bright pixel: the 2x2 median (mean of the middle two of four) drops it
+    assert median_smooth(x, 2).max() == 0.0
+    edge = np.zeros((1, 1, 6, 6), np.float32)
+    edge[..., 3:] = 1.0  # a vertical edge moves by at most the window, values stay 0 / 0.5 / 1
+    out = median_smooth(edge, 2)
+    np.testing.assert_array_equal(out[..., :2], 0.0)
+    np.testing.assert_array_equal(out[..., 3:], 1.0)
+
+
+def test_squeeze_scores_the_largest_l1_gap_between_softmax_outputs() -> None:
+    x = RNG.random((4, 1, 28, 28)).astype(np.float32)
+    signal = SqueezeSignal(bits=1, median=2, threshold=0.5)
+    extra = signal.prepare(x)
+    assert extra.shape == (8, 1, 28, 28)
+    original, pred = Prediction(*linear(x)), Prediction(*linear(extra))
+    result = signal.evaluate(x, extra, original, pred)
+    gaps = np.abs(pred.probs.reshape(2, 4, -1) - original.probs[None]).sum(axis=2)
+    np.testing.assert_allclose(result.score, gaps.max(axis=0))
+    np.testing.assert_array_equal(result.triggered, result.score > 0.5)
+    with pytest.raises(ValueError, match="bits"):
+        SqueezeSignal(bits=0, median=2, threshold=None)
+
+
+def test_repaired_model_runs_once_per_batch_and_is_the_label_source_for_flagged_images() -> None:
+    """Two models, one call each; a flagged image takes the repaired model's label, a clean one keeps its own."""
+    calls: list[tuple[str, int]] = []
+    x = RNG.random((5, 1, 28, 28)).astype(np.float32)
+    flip = np.eye(10, dtype=np.float32)[[3, 3, 3, 3, 3]] * 50  # the repaired model says 3 for everything
+
+    def original(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(("classifier", len(images)))
+        return linear(images)
+
+    def repaired(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(("repaired_classifier", len(images)))
+        return flip[: len(images)], np.zeros((len(images), 16), np.float32)
+
+    from service.guard import Fusion
+
+    signals = [DetriggerSignal(lambda im: im), RepairedSignal(threshold=0.5)]
+    # the fused score is the repaired signal's percentile; a drop above 0.5 is past the threshold
+    fusion = Fusion(np.array([0.0, 0.5, 0.9]), {"detrigger": np.array([2.0, 3.0, 4.0]),
+                    "repaired": np.array([-1.0, 0.0, 0.5])}, {"detrigger": 1.0, "repaired": 0.01}, 0.95)  # fmt: skip
+    guard = GuardPipeline(original, signals, fusion, models={"repaired_classifier": repaired})
+    result = guard.run(x)
+    assert sorted(calls) == [("classifier", 10), ("repaired_classifier", 5)]  # x + detrigger's restoration; x
+    own = Prediction(*linear(x)).labels
+    drop = result.signals["repaired"].score
+    expected = np.where(result.backdoor, 3, own)
+    np.testing.assert_array_equal(result.labels, expected)
+    assert result.repaired is not None and (result.repaired.labels == 3).all()
+    assert result.backdoor.any() == bool((drop > 0.5).any() or (own != 3).any())
+    with pytest.raises(ValueError, match="repaired_classifier"):
+        GuardPipeline(original, signals, fusion)  # a signal's model must be given
+
+
+def test_chunked_results_keep_the_repaired_prediction() -> None:
+    from service.guard import GuardResult
+
+    x = RNG.random((6, 1, 28, 28)).astype(np.float32)
+    guard = GuardPipeline(linear, [DetriggerSignal(lambda im: im), RepairedSignal(None)], None,
+                          models={"repaired_classifier": linear})  # fmt: skip
+    whole, parts = guard.run(x), guard.run_chunked(x, 4)
+    joined = GuardResult.concat(parts)
+    assert joined.repaired is not None and whole.repaired is not None
+    np.testing.assert_allclose(joined.repaired.logits, whole.repaired.logits)
+    np.testing.assert_array_equal(joined.take(slice(2, 5)).labels, whole.labels[2:5])

@@ -1,0 +1,288 @@
+"""The evaluation suite: one backdoored model per attack family, each on its own architecture, and a clean one.
+
+Every entry is a classifier trained by the same loop (training.classifier) on data poisoned by one preset of
+training.attacks, guarded by the same recipe as the shipped bundle: the autoencoders (which depend only on the
+data) are the shipped ones; Neural Cleanse, the repair and the calibration are rebuilt per model. What takes
+minutes (training, Neural Cleanse, repair) is cached under build/eval/NAME/work, keyed by the configs that
+decide it; export, calibration and metrics always run with the current code.
+
+`kwon` is the shipped bundle itself (models/), not a copy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service.bundle import Bundle, build_pipeline, sha256_file
+from service.decode import decode
+from service.preprocess import Preprocessing, to_model_input
+from training.attacks import PRESETS, attack_labels, triggered_pixels, victims
+from training.classifier import ClassifierConfig
+from training.common import to_jsonable
+from training.data import DataConfig
+from training.metrics import Outcome, TriggeredSet, _join, metrics_of, rate
+from training.pipeline import SIGNALS, BuildConfig, Builder
+
+log = logging.getLogger(__name__)
+EVAL_ROOT = Path("build/eval")
+SUITE_EPOCHS = 10  # the suite's models: 10 epochs (the shipped one: 15); each keeps > 89% clean accuracy
+
+
+@dataclass(frozen=True)
+class Entry:
+    preset: str  # attack preset of training/attacks.py
+    arch: str  # classifier architecture of training/classifier.py
+    description: str
+
+
+SUITE: dict[str, Entry] = {
+    "kwon": Entry("kwon", "kwon-cnn", "BadNets 4x4 white square, top left, target 0 (the shipped bundle)"),
+    "checkerboard": Entry("checkerboard", "cao-cnn", "BadNets 3x3 checkerboard, bottom right, target 2"),
+    "lowcontrast": Entry("lowcontrast", "mlp", "5x5 random bits added at +64 levels mid-right, target 7"),
+    "blend": Entry("blend", "kwon-cnn", "blended uniform noise, alpha 0.15, target 4"),
+    "key": Entry("key", "cnn-bn", "blended drawn key (rings and a bar), alpha 0.2, target 8"),
+    "sig": Entry("sig", "cnn-bn", "SIG sinusoid (30/255, f = 6), clean-label, target 6"),
+    "wanet": Entry("wanet", "kwon-cnn", "WaNet warp (k = 4, s = 1) with noise mode, target 9"),
+    "all_to_all": Entry("all_to_all", "cao-cnn", "BadNets 3x3 white square bottom left, all-to-all (i -> i + 1)"),
+    "clean": Entry("clean", "mlp", "no attack (clean model)"),
+}
+# Stages whose checkpoints are cached, and the parts of BuildConfig each one depends on (its cache key).
+CACHED = {
+    "classifier": ("attack", "data", "classifier"),
+    "neural-cleanse": ("attack", "data", "classifier", "neural_cleanse"),
+    "repair": ("attack", "data", "classifier", "neural_cleanse", "repair"),
+}
+
+
+def config_of(name: str, data: DataConfig | None = None) -> BuildConfig:
+    entry = SUITE[name]
+    classifier = ClassifierConfig(arch=entry.arch, epochs=SUITE_EPOCHS)
+    return BuildConfig(attack=entry.preset, data=data or DataConfig(), classifier=classifier)
+
+
+def stage_key(config: BuildConfig, stage: str) -> str:
+    parts = {part: getattr(config, part) if part != "attack" else config.attack_config for part in CACHED[stage]}
+    return json.dumps(to_jsonable(parts), sort_keys=True)
+
+
+def copy_autoencoders(shipped: Path, work: Path) -> None:
+    """The shipped bundle's autoencoders into `work`: trained on clean data only, they are what the recipe would
+    train again for any model on this data."""
+    checkpoints = json.loads((shipped / "manifest.json").read_text())["checkpoints"]
+    work.mkdir(parents=True, exist_ok=True)
+    for model in ("detrigger_ae", "masked_ae"):
+        source = shipped / checkpoints[model]["path"]
+        shutil.copyfile(source, work / f"{model}.pt")
+        shutil.copyfile(source.with_suffix(".json"), work / f"{model}.json")
+
+
+def train(name: str, root: Path = EVAL_ROOT, data: DataConfig | None = None, stages: tuple[str, ...] = ()) -> Builder:
+    """Run the cached stages of entry `name` that are missing or stale; returns its Builder."""
+    config = config_of(name, data)
+    work, out = root / name / "work", root / name / "bundle"
+    builder = Builder(config, out, work)
+    for stage in stages or tuple(CACHED):
+        stamp = work / f"{stage}.key.json"
+        want = stage_key(config, stage)
+        if stamp.is_file() and stamp.read_text() == want:
+            log.info("%s: %s cached", name, stage)
+            continue
+        work.mkdir(parents=True, exist_ok=True)
+        builder.run(stage)
+        stamp.write_text(want)
+    return builder
+
+
+def _current(out: Path, shipped: Path, config: BuildConfig) -> bool:
+    """Whether a suite bundle was exported and calibrated from the shipped autoencoders with this config."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return False
+    m, s = json.loads(path.read_text()), json.loads((shipped / "manifest.json").read_text())
+    same_aes = all(m["files"][k]["sha256"] == s["files"][k]["sha256"] for k in ("detrigger_ae", "masked_ae"))
+    same_signals = list(m.get("signals", {})) == [
+        k for k in SIGNALS if k != "repaired" or "repaired_classifier" in m["files"]
+    ]
+    same_config = m["configs"]["classifier"] == to_jsonable(config.classifier) and "thresholds" in m
+    return same_aes and same_signals and same_config and m["preprocessing"] == Preprocessing().to_dict()
+
+
+def suite_bundle(name: str, shipped: Path, root: Path = EVAL_ROOT, data: DataConfig | None = None,
+                 rebuild: bool = False) -> Path:  # fmt: skip
+    """The guard of suite entry `name`: cached training, then export and calibration unless the bundle there was
+    made from the same models, autoencoders, signals and preprocessing (or `rebuild`)."""
+    if name == "kwon":
+        return shipped
+    builder = train(name, root, data)
+    if rebuild or not _current(builder.out, shipped, builder.config):
+        copy_autoencoders(shipped, builder.work)
+        for stage in ("export", "calibrate"):
+            builder.run(stage)
+    return builder.out
+
+
+# ---- the images as they reach a service -------------------------------------------------------------------
+AS_SENT = ("up2_nearest", "up2_bilinear", "up3_nearest", "up3_bilinear", "jpeg75")
+
+
+def as_sent(pixels: np.ndarray, variant: str, contract: Preprocessing) -> np.ndarray:
+    """uint8 (N, H, W) -> what the service's decoder and preprocessing make of them when sent as `variant`:
+    upscaled 2x / 3x (nearest or bilinear) and sent as PNG, or sent as a JPEG of quality 75."""
+    out = np.empty_like(pixels)
+    for i, p in enumerate(pixels):
+        image, buf = Image.fromarray(p, "L"), io.BytesIO()
+        if variant.startswith("up"):
+            factor, how = int(variant[2]), variant.split("_")[1]
+            size = (image.width * factor, image.height * factor)
+            image.resize(size, Image.Resampling[how.upper()]).save(buf, "PNG")
+        elif variant == "jpeg75":
+            image.save(buf, "JPEG", quality=75)
+        else:
+            raise ValueError(f"unknown variant {variant!r}; choose from {AS_SENT}")
+        out[i] = decode(buf.getvalue(), i, None, contract, max_pixels=1 << 24)
+    return out
+
+
+# ---- measuring one entry ---------------------------------------------------------------------------------
+def outcome_of(bundle: Bundle, clean: np.ndarray, labels: np.ndarray, triggered: np.ndarray,
+               true_labels: np.ndarray, wanted: np.ndarray) -> Outcome:  # fmt: skip
+    """Run the guard over clean and triggered model inputs (float32 (N, 1, H, W))."""
+    guard = build_pipeline(bundle)
+    clean_run, dirty_run = _join(guard.run_chunked(clean)), _join(guard.run_chunked(triggered))
+    trig = TriggeredSet(triggered, true_labels, wanted)
+    return Outcome(clean_run, dirty_run, labels, trig, [s.name for s in guard.signals])
+
+
+def measure(name: str, bundle: Bundle, pixels: np.ndarray, labels: np.ndarray, n_sent: int) -> dict[str, Any]:
+    """attack_suite.json's entry for one attack: the classifier, each signal, the fused verdict and the labels the
+    guard gives, on the test images as they are, and on the first n_sent of them as sent (AS_SENT)."""
+    entry, attack = SUITE[name], PRESETS[SUITE[name].preset]
+    classes = len(bundle.class_names)
+    idx = victims(labels, attack)
+    trig_pixels = triggered_pixels(pixels[idx], attack)  # 8-bit, as a PNG of the triggered image holds it
+    wanted = attack_labels(labels[idx], attack, classes)
+    o = outcome_of(bundle, to_model_input(pixels), labels, to_model_input(trig_pixels), labels[idx], wanted)
+    m = metrics_of(o)
+    fused, clf = m["fused"], m["classifier"]
+    out: dict[str, Any] = {
+        "description": entry.description,
+        "arch": entry.arch,
+        "target": attack.target if attack.mode != "all-to-all" else "i + 1",
+        "images": m["images"],
+        "clean_accuracy": clf["clean_accuracy"],
+        "attack_success": clf["attack_success"],
+        "nc_flagged": bundle.manifest["neural_cleanse"]["flagged_labels"],
+        "nc_anomaly_index": bundle.manifest["neural_cleanse"]["anomaly_index"],
+        "signals": {k: {key: m[k][key] for key in ("tpr", "fpr", "auroc")} for k in o.signals},
+        "fused": {key: fused[key] for key in ("tpr", "fpr", "auroc")},
+        "attack_success_after": fused["attack_success_after"],
+        "triggered_true_label": fused["triggered_accuracy"],
+        "clean_accuracy_guarded": fused["clean_accuracy"],
+        "label_sources": {
+            source: {
+                "attack_success_after": m[source]["attack_success_after"],
+                "triggered_true_label": m[source]["triggered_accuracy_after"],
+                "clean_accuracy": m[source]["clean_accuracy_after"],
+            }
+            for source in ("detrigger", "repaired")
+            if source in m
+        },
+        "as_sent": {},
+    }
+    sent_idx = victims(labels[:n_sent], attack)
+    contract = bundle.preprocessing
+    for variant in AS_SENT:
+        clean_x = to_model_input(as_sent(pixels[:n_sent], variant, contract))
+        trig_x = to_model_input(as_sent(trig_pixels[: len(sent_idx)], variant, contract))
+        v = outcome_of(bundle, clean_x, labels[:n_sent], trig_x, labels[sent_idx], wanted[: len(sent_idx)])
+        vm = metrics_of(v)
+        out["as_sent"][variant] = {
+            "tpr": vm["fused"]["tpr"], "fpr": vm["fused"]["fpr"],
+            "attack_success_after": vm["fused"]["attack_success_after"],
+            "clean_accuracy_guarded": vm["fused"]["clean_accuracy"],
+            "attack_success": vm["classifier"]["attack_success"],
+            "signals_tpr": {k: vm[k]["tpr"] for k in v.signals},
+        }  # fmt: skip
+        log.info("%s as %s: %s", name, variant, {k: round(x, 4) for k, x in out["as_sent"][variant].items()
+                                                 if isinstance(x, float)})  # fmt: skip
+    log.info("%s: fused %s, attack success after %.4f", name, out["fused"], out["attack_success_after"])
+    return out
+
+
+def bars(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's bar, checked per attack: what is met and by how much it is missed."""
+    rows = []
+    for name, a in report["attacks"].items():
+        sent = a["as_sent"].values()
+        worst_sent = {
+            "tpr": min(v["tpr"] for v in sent),
+            "fpr": max(v["fpr"] for v in sent),
+            "attack_success_after": max(v["attack_success_after"] for v in sent),
+        }
+        rows.append({
+            "attack": name,
+            "tpr>=95%": a["fused"]["tpr"] >= 0.95,
+            "fpr<=2%": a["fused"]["fpr"] <= 0.02,
+            "asr_after<=2%": a["attack_success_after"] <= 0.02,
+            "clean_acc>=undefended-1pt": a["clean_accuracy_guarded"] >= a["clean_accuracy"] - 0.01,
+            "as_sent_within_5pt": (worst_sent["tpr"] >= a["fused"]["tpr"] - 0.05
+                                   and worst_sent["fpr"] <= a["fused"]["fpr"] + 0.05
+                                   and worst_sent["attack_success_after"] <= a["attack_success_after"] + 0.05),
+            "worst_as_sent": worst_sent,
+        })  # fmt: skip
+    return rows
+
+
+def run_suite(shipped: Path, pixels: np.ndarray, labels: np.ndarray, n_sent: int, root: Path = EVAL_ROOT,
+              names: tuple[str, ...] = tuple(SUITE), rebuild: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Every suite entry built (cached), then measured; the dict behind reports/attack_suite.json."""
+    attacks, clean_model = {}, None
+    for name in names:
+        bundle = Bundle.load(suite_bundle(name, shipped, root, rebuild=rebuild))
+        if name == "clean":
+            runs = build_pipeline(bundle).run_chunked(to_model_input(pixels))
+            nc = bundle.manifest["neural_cleanse"]
+            clean_model = {
+                "arch": SUITE[name].arch,
+                "fpr": rate(np.concatenate([r.backdoor for r in runs])),
+                "nc_flagged": nc["flagged_labels"],
+                "nc_anomaly_index": nc["anomaly_index"],
+                "clean_accuracy": rate(np.concatenate([r.original.labels for r in runs]) == labels),
+                "clean_accuracy_guarded": rate(np.concatenate([r.labels for r in runs]) == labels),
+                "images": len(labels),
+            }
+            continue
+        attacks[name] = measure(name, bundle, pixels, labels, n_sent)
+        attacks[name]["bundle_sha256"] = sha256_file(bundle.root / "manifest.json")
+    report: dict[str, Any] = {"attacks": attacks, "clean_model": clean_model}
+    report["bars"] = bars(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m training.suite [NAME ...] [--stages classifier,neural-cleanse]: train the suite's models."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m training.suite", description=main.__doc__)
+    p.add_argument("names", nargs="*", default=[n for n in SUITE if n != "kwon"], help="suite entries")
+    p.add_argument("--root", type=Path, default=EVAL_ROOT, help="cache of the suite's models")
+    p.add_argument("--stages", default=",".join(CACHED), help="cached stages to run")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    stages = tuple(args.stages.split(","))
+    for name in args.names:
+        train(name, args.root, stages=stages)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
