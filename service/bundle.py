@@ -188,4 +188,7 @@ def build_pipeline(
     models = {s.model: bundle.classifier(s.model) for s in built if s.model != "classifier"}
     fusion = Fusion.from_manifest(thresholds["fused"]) if "fused" in thresholds else None
     infected = bundle.manifest["neural_cleanse"]["flagged_labels"] if avoid_infected else []
-    return GuardPipeline(bundle.classify, built, fusion, infected, models=models)
+    source = thresholds.get("label_source", {}).get("source", "restored")  # chosen at calibration
+    if "repaired" not in names:
+        source = "restored"
+    return GuardPipeline(bundle.classify, built, fusion, infected, models=models, source=source)

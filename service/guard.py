@@ -29,9 +29,10 @@ from service.signals.squeeze import SqueezeSignal
 from service.signals.strip import Blend, StripSignal, strip_entropy, superimpose
 
 __all__ = [
-    "ActivationSignal", "Blend", "Classify", "DetriggerSignal", "Fusion", "GuardPipeline", "GuardResult",
+    "SOURCES", "ActivationSignal", "Blend", "Classify", "DetriggerSignal", "Fusion", "GuardPipeline", "GuardResult",
     "MaskedAESignal", "NonFiniteScore", "Prediction", "RepairedSignal", "Signal", "SignalResult", "SqueezeSignal",
-    "StripSignal", "entropy_bits", "fail_closed", "softmax", "strip_entropy", "superimpose", "trusted_labels",
+    "StripSignal", "entropy_bits", "fail_closed", "label_source", "softmax", "strip_entropy", "superimpose",
+    "trusted_labels",
 ]  # fmt: skip
 
 Classify = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # images -> (logits, features)
@@ -83,6 +84,7 @@ class GuardResult:
     labels: np.ndarray  # (B,) the label to trust (see `trusted_labels`)
     confidence: np.ndarray  # (B,) its probability
     repaired: Prediction | None = None  # the repaired model's prediction, when the bundle has one
+    source: str = "restored"  # where a flagged image's label comes from: restored, repaired or both
 
     def take(self, sl: slice) -> GuardResult:
         """The results of images sl of the batch (micro-batching hands each request its own)."""
@@ -96,12 +98,8 @@ class GuardResult:
             self.labels[sl],
             self.confidence[sl],
             self.repaired.take(sl) if self.repaired is not None else None,
+            self.source,
         )
-
-    @property
-    def source(self) -> str:
-        """Where a flagged image's label comes from: the repaired model when there is one, else restoration."""
-        return "repaired" if self.repaired is not None else "restored"
 
     @staticmethod
     def concat(parts: Sequence[GuardResult]) -> GuardResult:
@@ -135,7 +133,22 @@ class GuardResult:
             cat([p.labels for p in parts]),
             cat([p.confidence for p in parts]),
             prediction(repaired) if first.repaired is not None else None,
+            first.source,
         )
+
+
+SOURCES = ("restored", "repaired", "both")  # label sources for flagged images (see `label_source`)
+
+
+def label_source(source: str, restored: Prediction, repaired: Prediction | None) -> Prediction:
+    """The prediction a flagged image's label is taken from: the de-triggered image's, the repaired model's, or
+    both (their probabilities averaged). Calibration chooses per bundle, on Neural Cleanse's stand-in triggers."""
+    if source == "restored" or repaired is None:
+        return restored
+    if source == "repaired":
+        return repaired
+    mean = (restored.probs + repaired.probs) / 2
+    return Prediction(np.log(np.maximum(mean, 1e-30)), restored.features)
 
 
 def trusted_labels(
@@ -185,6 +198,7 @@ class GuardPipeline:
         infected: Sequence[int] = (),
         on_stage: Callable[[str, float], None] = lambda stage, seconds: None,
         models: Mapping[str, Classify] | None = None,
+        source: str = "restored",
     ) -> None:
         names = [s.name for s in signals]
         if "detrigger" not in names:
@@ -194,6 +208,11 @@ class GuardPipeline:
         missing = sorted({s.model for s in signals} - self.models.keys())
         if missing:
             raise ValueError(f"signals need model(s) {missing}, which the pipeline was not given")
+        if source not in SOURCES or (source != "restored" and "repaired" not in names):
+            raise ValueError(
+                f"label source {source!r}: choose from {SOURCES} (repaired and both need the repaired signal)"
+            )
+        self.source = source
         self.infected = [int(t) for t in infected]  # labels a suspected image must not be given
         self.on_stage = on_stage  # where the time goes: (stage, seconds) after each stage of a batch
 
@@ -244,9 +263,12 @@ class GuardPipeline:
         assert restored_images is not None
         restored = preds["detrigger"]
         repaired = preds.get("repaired")
-        labels, confidence = trusted_labels(original, repaired or restored, backdoor, self.infected)
+        source = label_source(self.source, restored, repaired)
+        labels, confidence = trusted_labels(original, source, backdoor, self.infected)
         lap("signals_and_fusion")
-        return GuardResult(original, restored, restored_images, results, score, backdoor, labels, confidence, repaired)
+        return GuardResult(
+            original, restored, restored_images, results, score, backdoor, labels, confidence, repaired, self.source
+        )
 
     def run_chunked(self, x: np.ndarray, chunk: int = 256) -> list[GuardResult]:
         return [self.run(x[i : i + chunk]) for i in range(0, len(x), chunk)]

@@ -324,6 +324,9 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
             ("thresholds.fused.quantiles", keys(*names)),
             ("thresholds.fused.tail_scale", keys(*names)),
         ]
+        if _at(manifest, "thresholds.label_source") is not _MISSING:  # bundles calibrated before it: "restored"
+            sources = ("restored", "repaired", "both") if "repaired" in names else ("restored",)
+            rules.append(("thresholds.label_source.source", one_of(*sources)))
         for name in names:
             if (bounds := REGISTRY[name].threshold_bounds(classes)) is not None:
                 rules.append((f"thresholds.{name}.threshold", real(*bounds)))

@@ -25,7 +25,10 @@ class RestoredPrediction(Prediction):
 class ImageResult(BaseModel):
     index: int = Field(description="position of the file in the request")
     filename: str | None
-    label: int = Field(description="the label to trust: restored prediction if backdoor, else the original")
+    label: int = Field(
+        description="the label to trust: the original if backdoor is false; else the label source's best label "
+        "other than the original one (the attacker's, if the trigger worked) and any Neural Cleanse flagged"
+    )
     class_name: str
     confidence: float
     backdoor: bool = Field(description="the fused verdict: does this image carry a backdoor trigger?")
@@ -35,6 +38,12 @@ class ImageResult(BaseModel):
     threshold: float = Field(description="backdoor is true when score exceeds this")
     original: Prediction = Field(description="the classifier on the image as sent")
     restored: RestoredPrediction = Field(description="the classifier on the de-triggered image")
+    repaired: Prediction | None = Field(
+        None, description="the repaired classifier on the image as sent (bundles built with the repair stage)"
+    )
+    label_source: str = Field(
+        description="where `label` comes from: original (not flagged), repaired or restored (flagged)"
+    )
     signals: dict[str, dict[str, Any]] = Field(
         description="each signal's own verdict (`triggered`), its evidence, threshold and clean percentile",
         examples=[

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.bundle import Bundle, build_pipeline
-from service.guard import Fusion, GuardPipeline, SignalResult
+from service.guard import SOURCES, Fusion, GuardPipeline, SignalResult, label_source, trusted_labels
 from service.signals import REGISTRY
 
 # Percentile levels of the fusion tables; above the last one an exponential tail takes over (service.guard.Fusion).
@@ -124,10 +124,18 @@ def calibrate(
     bundle.manifest["thresholds"] = thresholds
     guard = build_pipeline(bundle, strip_n=config.strip_n)
     stand_in = {}
+    sources: dict[str, list[np.ndarray]] = {}
     for label in map(int, bundle.manifest["neural_cleanse"]["activation_neurons"]):
         victims = idx_b[labels[idx_b] != label]
         stamped = bundle.stamp_reversed(images[victims], label)
         runs = guard.run_chunked(stamped)
+        for run, start in zip(runs, range(0, len(victims), 256), strict=True):
+            truth = labels[victims[start : start + 256]]
+            flagged = np.ones(len(truth), bool)  # every stand-in as if flagged: which source gives the true label
+            for source in SOURCES if run.repaired is not None else ("restored",):
+                pred = label_source(source, run.restored, run.repaired)
+                chosen, _ = trusted_labels(run.original, pred, flagged, guard.infected)
+                sources.setdefault(source, []).append(chosen == truth)
         stand_in[str(label)] = {
             "images": len(victims),
             "fused_tpr": float(np.mean(np.concatenate([r.backdoor for r in runs]))),
@@ -136,4 +144,9 @@ def calibrate(
                 for name in runs[0].signals
             },
         }
+    # The label source for flagged images: the one that gives the stand-in triggered images their true label most
+    # often (ties go to the first of SOURCES). A defender's measurement: the attacker's trigger is not used.
+    accuracy = {source: float(np.concatenate(hits).mean()) for source, hits in sources.items()}
+    best = max(accuracy, key=lambda s: (accuracy[s], -SOURCES.index(s))) if accuracy else "restored"
+    thresholds["label_source"] = {"source": best, "stand_in_accuracy": accuracy}
     return thresholds, {"neural_cleanse_reversed_triggers": stand_in}

@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                   args.out / "neural_cleanse_masks.png")  # fmt: skip
 
     log.info("attack suite")
+    _, _, half_b = split_calibration(len(x_cal), CalibrationConfig())
     suite = run_suite(args.models, ds.test.images[: args.suite_images], y_test[: args.suite_images],
-                      args.sent_images, args.cache, rebuild=args.rebuild)  # fmt: skip
+                      args.sent_images, x_cal[half_b], args.cache, rebuild=args.rebuild)  # fmt: skip
     suite["command"] = command
     suite["as_sent_images"] = args.sent_images
     (args.out / "attack_suite.json").write_text(json.dumps(to_jsonable(suite), indent=2) + "\n")
@@ -152,7 +153,6 @@ def main(argv: list[str] | None = None) -> None:
 
     log.info("STRIP sweep")
     n = args.sweep_images
-    _, _, half_b = split_calibration(len(x_cal), CalibrationConfig())
     sweep_trig = triggered_set(x_test[:n], y_test[:n], kwon, len(shipped.class_names))
     sweep_rows = strip_sweep(shipped, x_cal[half_b][:n], x_test[:n], sweep_trig.images, SWEEP_NS, 0.01)
     report = {

@@ -13,8 +13,6 @@ import numpy as np
 
 from training.metrics import Outcome, pct
 
-SIGNALS = ("detrigger", "masked_ae", "strip", "activation", "fused")
-
 
 def roc_points(negatives: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     thresholds = np.unique(np.concatenate([negatives, positives]))[::-1]
@@ -25,7 +23,7 @@ def roc_points(negatives: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray
 
 def plot_roc(o: Outcome, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 5))
-    for name in SIGNALS:
+    for name in [*o.signals, "fused"]:
         key = "score" if name == "fused" else f"{name}.score"
         fpr, tpr = roc_points(o.clean[key], o.triggered[key])
         ax.plot(np.maximum(fpr, 1e-4), tpr, label=name)
@@ -146,6 +144,18 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
     for name, a in attacks.items():
         cells = [f"{pct(a['signals'][s]['tpr'])} ({a['signals'][s]['auroc']:.3f})" for s in signals]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    drops = list(next(iter(attacks.values()))["ablation"])
+    lines += [
+        "",
+        "### What each signal adds: the fused verdict without it (TPR / FPR, threshold re-fitted on clean data)",
+        "",
+        "| attack | " + " | ".join(drops) + " |",
+        "|---|" + "---|" * len(drops),
+    ]
+    for name, a in attacks.items():
+        lines.append(
+            f"| {name} | " + " | ".join(f"{pct(v['tpr'])} / {pct(v['fpr'])}" for v in a["ablation"].values()) + " |"
+        )
     lines += [
         "",
         "### Where a flagged image's label comes from",

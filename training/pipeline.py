@@ -41,7 +41,7 @@ from training.export import (
 )
 from training.metrics import evaluate
 from training.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, run_neural_cleanse
-from training.repair import RepairConfig, repair
+from training.repair import RepairConfig, repair, suspects
 
 log = logging.getLogger(__name__)
 # The order `all` runs them in; `control` (a clean model for Neural Cleanse's false-alarm check) is optional.
@@ -202,8 +202,10 @@ class Builder:
         model = load_classifier(self.classifier_path)
         nc = NeuralCleanseResult.load(self.work / "neural_cleanse.npz")
         idx = repair_indices(len(self.x_cal), self.config.calibration)
-        model, facts = repair(model, self.x_cal[idx], self.dataset.calibration.labels[idx], nc.masks, nc.patterns,
-                              self.config.repair)  # fmt: skip
+        labels = suspects(nc.l1_norms, nc.flagged_labels, self.config.repair.unlearn_labels)
+        log.info("unlearning the reversed triggers of labels %s", labels)
+        y = self.dataset.calibration.labels[idx]
+        model, facts = repair(model, self.x_cal[idx], y, nc.masks[labels], nc.patterns[labels], self.config.repair)
         if self.repaired_path.suffix == ".pt2":  # a user's archive: export the repaired module the same way
             batch = torch.export.Dim("batch")
             program = torch.export.export(model, (torch.from_numpy(self.x_cal[:2]),), dynamic_shapes=({0: batch},))

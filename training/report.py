@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from service.signals import LEGACY
 from training.metrics import pct
 
 
@@ -85,7 +86,7 @@ def render(manifest: dict[str, Any]) -> str:
         "| signal | FPR (clean) | TPR (triggered) | AUROC |",
         "|---|---|---|---|",
     ]
-    for name in ("detrigger", "masked_ae", "strip", "activation", "fused"):
+    for name in [*(k for k in manifest.get("signals", LEGACY) if k in m), "fused"]:
         s = m[name]
         lines.append(f"| {name} | {pct(s['fpr'])} | {pct(s['tpr'])} | {s['auroc']:.4f} |")
     f = m["fused"]

@@ -163,7 +163,36 @@ def outcome_of(bundle: Bundle, clean: np.ndarray, labels: np.ndarray, triggered:
     return Outcome(clean_run, dirty_run, labels, trig, [s.name for s in guard.signals])
 
 
-def measure(name: str, bundle: Bundle, pixels: np.ndarray, labels: np.ndarray, n_sent: int) -> dict[str, Any]:
+def ablation(bundle: Bundle, o: Outcome, half_b: np.ndarray) -> dict[str, dict[str, float]]:
+    """What each signal adds: the fused verdict without it, its threshold re-fitted exactly as calibration fits the
+    full one (the (1 - target FPR) quantile of half B's fused scores, over the same percentile tables)."""
+    from service.guard import Fusion
+    from training.calibration import collect
+
+    fusion = Fusion.from_manifest(bundle.manifest["thresholds"]["fused"])
+    fpr = float(bundle.manifest["thresholds"]["target_fpr"])
+    raw = collect(build_pipeline(bundle, calibrated=False), half_b)
+
+    def ranks(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {n: fusion.percentile(n, scores[n]) for n in o.signals}
+
+    cal = ranks({n: raw[n].score for n in o.signals})
+    clean = ranks({n: o.clean[f"{n}.score"] for n in o.signals})
+    dirty = ranks({n: o.triggered[f"{n}.score"] for n in o.signals})
+    rows = {}
+    for drop in (None, *o.signals):
+        keep = [n for n in o.signals if n != drop]
+        threshold = float(np.quantile(np.max([cal[n] for n in keep], axis=0), 1 - fpr))
+        rows["all" if drop is None else f"without {drop}"] = {
+            "tpr": rate(np.max([dirty[n] for n in keep], axis=0) > threshold),
+            "fpr": rate(np.max([clean[n] for n in keep], axis=0) > threshold),
+        }
+    return rows
+
+
+def measure(
+    name: str, bundle: Bundle, pixels: np.ndarray, labels: np.ndarray, n_sent: int, half_b: np.ndarray
+) -> dict[str, Any]:
     """attack_suite.json's entry for one attack: the classifier, each signal, the fused verdict and the labels the
     guard gives, on the test images as they are, and on the first n_sent of them as sent (AS_SENT)."""
     entry, attack = SUITE[name], PRESETS[SUITE[name].preset]
@@ -198,6 +227,7 @@ def measure(name: str, bundle: Bundle, pixels: np.ndarray, labels: np.ndarray, n
             if source in m
         },
         "as_sent": {},
+        "ablation": ablation(bundle, o, half_b),
     }
     sent_idx = victims(labels[:n_sent], attack)
     contract = bundle.preprocessing
@@ -243,7 +273,8 @@ def bars(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def run_suite(shipped: Path, pixels: np.ndarray, labels: np.ndarray, n_sent: int, root: Path = EVAL_ROOT,
+def run_suite(shipped: Path, pixels: np.ndarray, labels: np.ndarray, n_sent: int, half_b: np.ndarray,
+              root: Path = EVAL_ROOT,
               names: tuple[str, ...] = tuple(SUITE), rebuild: bool = False) -> dict[str, Any]:  # fmt: skip
     """Every suite entry built (cached), then measured; the dict behind reports/attack_suite.json."""
     attacks, clean_model = {}, None
@@ -262,7 +293,7 @@ def run_suite(shipped: Path, pixels: np.ndarray, labels: np.ndarray, n_sent: int
                 "images": len(labels),
             }
             continue
-        attacks[name] = measure(name, bundle, pixels, labels, n_sent)
+        attacks[name] = measure(name, bundle, pixels, labels, n_sent, half_b)
         attacks[name]["bundle_sha256"] = sha256_file(bundle.root / "manifest.json")
     report: dict[str, Any] = {"attacks": attacks, "clean_model": clean_model}
     report["bars"] = bars(report)

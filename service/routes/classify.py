@@ -96,7 +96,7 @@ def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with
                 fusion.percentile(signal.name, result.signals[signal.name].score[i : i + 1])[0]
             )
             signals[signal.name] = evidence
-        original, restored = result.original, result.restored
+        original, restored, repaired = result.original, result.restored, result.repaired
         out.append(
             {
                 "index": i,
@@ -118,6 +118,14 @@ def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with
                     "confidence": float(restored.confidence[i]),
                     **({"image": png_base64(result.restored_images[i])} if with_images else {}),
                 },
+                "repaired": None
+                if repaired is None
+                else {
+                    "label": int(repaired.labels[i]),
+                    "class_name": classes[int(repaired.labels[i])],
+                    "confidence": float(repaired.confidence[i]),
+                },
+                "label_source": result.source if result.backdoor[i] else "original",
                 "signals": signals,
             }
         )

@@ -122,6 +122,10 @@ BAD_EDITS = [
     ("name", "", "name"),
     ("files.classifier.outputs.0.shape", ["batch", 9], "files.classifier.outputs"),
     ("files.strip_bank.shape", [128, 1, 28, 28], "files.strip_bank.shape"),
+    ("signals.telepathy", {}, "signals this service does not have: ['telepathy']"),
+    ("thresholds.squeeze.threshold", 2.5, "thresholds.squeeze.threshold"),  # an L1 gap of probabilities: <= 2
+    ("thresholds.repaired.threshold", NAN, "thresholds.repaired.threshold"),
+    ("thresholds.label_source.source", "oracle", "thresholds.label_source.source"),
 ]
 
 
@@ -132,6 +136,13 @@ def test_a_bad_manifest_value_is_refused_with_one_line_naming_it(
     Bundle.load(bundle)  # the untouched copy loads
     put(bundle, where, value)
     assert field in refusal(bundle)
+
+
+def test_a_signal_whose_model_is_missing_is_refused(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"]["repaired_classifier"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert "need model(s) ['repaired_classifier']" in refusal(bundle)
 
 
 def test_every_problem_is_reported_at_once(bundle: Path) -> None:

@@ -73,17 +73,29 @@ def test_repaired_model_runs_once_per_batch_and_is_the_label_source_for_flagged_
     # the fused score is the repaired signal's percentile; a drop above 0.5 is past the threshold
     fusion = Fusion(np.array([0.0, 0.5, 0.9]), {"detrigger": np.array([2.0, 3.0, 4.0]),
                     "repaired": np.array([-1.0, 0.0, 0.5])}, {"detrigger": 1.0, "repaired": 0.01}, 0.95)  # fmt: skip
-    guard = GuardPipeline(original, signals, fusion, models={"repaired_classifier": repaired})
+    guard = GuardPipeline(original, signals, fusion, models={"repaired_classifier": repaired}, source="repaired")
     result = guard.run(x)
     assert sorted(calls) == [("classifier", 10), ("repaired_classifier", 5)]  # x + detrigger's restoration; x
     own = Prediction(*linear(x)).labels
     drop = result.signals["repaired"].score
-    expected = np.where(result.backdoor, 3, own)
-    np.testing.assert_array_equal(result.labels, expected)
+    best_other = np.where(own == 3, 0, 3)  # the repaired model's best label other than the original one
+    np.testing.assert_array_equal(result.labels, np.where(result.backdoor, best_other, own))
+    assert result.source == "repaired"
     assert result.repaired is not None and (result.repaired.labels == 3).all()
     assert result.backdoor.any() == bool((drop > 0.5).any() or (own != 3).any())
     with pytest.raises(ValueError, match="repaired_classifier"):
         GuardPipeline(original, signals, fusion)  # a signal's model must be given
+    with pytest.raises(ValueError, match="label source"):
+        GuardPipeline(original, signals[:1], fusion, source="repaired")  # no repaired signal to take it from
+
+
+def test_both_sources_average_their_probabilities() -> None:
+    from service.guard import label_source
+
+    restored = Prediction(np.log(np.array([[0.6, 0.4, 1e-30]])), np.zeros((1, 2)))
+    repaired = Prediction(np.log(np.array([[1e-30, 0.3, 0.7]])), np.zeros((1, 2)))
+    np.testing.assert_allclose(label_source("both", restored, repaired).probs, [[0.3, 0.35, 0.35]], atol=1e-9)
+    assert label_source("repaired", restored, None) is restored  # no repaired model: restoration
 
 
 def test_chunked_results_keep_the_repaired_prediction() -> None:

@@ -1,0 +1,56 @@
+"""The suite's definition, its cache keys, the as-sent transforms and the bar check (no training here)."""
+
+from dataclasses import replace
+
+import numpy as np
+
+from service.preprocess import Preprocessing
+from training.attacks import PRESETS
+from training.classifier import ARCHS
+from training.suite import AS_SENT, SUITE, as_sent, bars, config_of, stage_key
+
+
+def test_suite_covers_every_family_on_every_architecture() -> None:
+    families = {"kwon", "checkerboard", "lowcontrast", "blend", "key", "sig", "wanet", "all_to_all", "clean"}
+    assert families <= SUITE.keys()
+    assert {e.arch for e in SUITE.values()} == set(ARCHS)  # the guard must assume no architecture
+    assert all(e.preset in PRESETS for e in SUITE.values())
+    modes = {PRESETS[e.preset].mode for e in SUITE.values()}
+    assert modes == {"single-target", "all-to-all", "clean-label"}
+
+
+def test_cache_keys_follow_what_each_stage_depends_on() -> None:
+    config = config_of("wanet")
+    assert config.classifier.arch == "kwon-cnn" and config.attack == "wanet"
+    recalibrated = replace(config, calibration=replace(config.calibration, target_fpr=0.02))
+    assert stage_key(recalibrated, "classifier") == stage_key(config, "classifier")  # calibration retrains nothing
+    other_nc = replace(config, neural_cleanse=replace(config.neural_cleanse, steps=10))
+    assert stage_key(other_nc, "classifier") == stage_key(config, "classifier")
+    assert stage_key(other_nc, "neural-cleanse") != stage_key(config, "neural-cleanse")
+    assert stage_key(other_nc, "repair") != stage_key(config, "repair")
+
+
+def test_integer_nearest_upscaling_comes_back_exactly_through_the_service_preprocessing() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    contract = Preprocessing()
+    assert contract.resample == "box"
+    for variant in ("up2_nearest", "up3_nearest"):
+        np.testing.assert_array_equal(as_sent(pixels, variant, contract), pixels)
+    for variant in ("up2_bilinear", "up3_bilinear", "jpeg75"):
+        out = as_sent(pixels, variant, contract)
+        assert out.shape == pixels.shape and out.dtype == np.uint8
+        assert 0 < np.abs(out.astype(int) - pixels).mean() < 60  # changed, still the same picture
+    assert set(AS_SENT) == {"up2_nearest", "up2_bilinear", "up3_nearest", "up3_bilinear", "jpeg75"}
+
+
+def test_bars_report_each_goal_per_attack() -> None:
+    def entry(tpr: float, fpr: float, asr: float, sent_tpr: float) -> dict:
+        sent = {v: {"tpr": sent_tpr, "fpr": fpr, "attack_success_after": asr} for v in AS_SENT}
+        return {"fused": {"tpr": tpr, "fpr": fpr}, "attack_success_after": asr, "clean_accuracy": 0.9,
+                "clean_accuracy_guarded": 0.895, "as_sent": sent}  # fmt: skip
+
+    rows = bars({"attacks": {"good": entry(0.99, 0.01, 0.01, 0.97), "bad": entry(0.90, 0.03, 0.05, 0.80)}})
+    good, bad = rows
+    assert all(good[k] for k in good if k not in ("attack", "worst_as_sent"))
+    assert not any(bad[k] for k in ("tpr>=95%", "fpr<=2%", "asr_after<=2%", "as_sent_within_5pt"))
+    assert bad["clean_acc>=undefended-1pt"] and bad["worst_as_sent"]["tpr"] == 0.80
