@@ -27,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--classifier", type=Path, default=None,
         help="guard this model instead of training one: our checkpoint (.pt) or a torch.export archive (.pt2)",
     )  # fmt: skip
+    p.add_argument(
+        "--defense", default="none", choices=BuildConfig.DEFENSES,
+        help="how the classifier stage trains: none (plain) or abl (anti-backdoor learning, training/abl.py)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="one seed for every stage")
     p.add_argument("--target-fpr", type=float, default=0.01, help="clean false-positive rate of every threshold")
     p.add_argument("--strip-n", type=int, default=None, help="STRIP overlays per input (default 32)")
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxscript", "onnx_ir", "torch"):  # the ONNX exporter logs every pass at INFO
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    config = with_seed(BuildConfig(attack=args.attack), args.seed)
+    config = with_seed(BuildConfig(attack=args.attack, defense=args.defense), args.seed)
     calibration = replace(config.calibration, target_fpr=args.target_fpr)
     if args.strip_n is not None:
         calibration = replace(calibration, strip_n=args.strip_n)

@@ -8,6 +8,7 @@ must assume none of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import nn
 from training.common import load_checkpoint, minibatches, predict, progress, save_checkpoint, setup_torch
 
 ARCH = "kwon-cnn"  # the default architecture
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits (N, C), labels (N,)) -> scalar loss
 
 
 @dataclass(frozen=True)
@@ -144,15 +146,35 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=steps, pct_start=0.15)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     for epoch in range(config.epochs):
-        model.train()
-        for idx in progress(minibatches(len(labels), config.batch_size, rng), f"classifier epoch {epoch + 1}"):
-            t = torch.from_numpy(idx)
-            loss = F.cross_entropy(model(x_all[t])[0], y_all[t])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        train_epoch(model, x_all, y_all, opt, config.batch_size, rng, f"classifier epoch {epoch + 1}", sched=sched)
     return model.eval()
+
+
+def train_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    batch_size: int,
+    rng: np.random.Generator,
+    desc: str,
+    loss_fn: LossFn = F.cross_entropy,
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
+    """One shuffled pass minimising loss_fn(logits, labels) per batch; the one training step of every loop that
+    trains a classifier (plain, ABL). Returns the mean batch loss."""
+    model.train()
+    total, batches = 0.0, minibatches(len(labels), batch_size, rng)
+    for idx in progress(batches, desc):
+        t = torch.from_numpy(idx)
+        loss = loss_fn(model(images[t])[0], labels[t])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += float(loss.detach())
+    return total / max(1, len(batches))
 
 
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:

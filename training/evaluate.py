@@ -21,7 +21,7 @@ from training.common import to_jsonable
 from training.data import DataConfig
 from training.metrics import guard_outcome, metrics_of, strip_sweep, triggered_set
 from training.pipeline import BuildConfig, Builder
-from training.suite import EVAL_ROOT, run_suite
+from training.suite import EVAL_ROOT, abl_comparison, run_suite
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     _, _, half_b = split_calibration(len(x_cal), CalibrationConfig())
     suite = run_suite(args.models, ds.test.images[: args.suite_images], y_test[: args.suite_images],
                       args.sent_images, x_cal[half_b], args.cache, rebuild=args.rebuild)  # fmt: skip
+    log.info("ABL against the undefended recipe")
+    suite["abl"] = abl_comparison(ds.test.images[: args.suite_images], y_test[: args.suite_images], args.models,
+                                  args.cache)  # fmt: skip
     suite["command"] = command
     suite["as_sent_images"] = args.sent_images
     (args.out / "attack_suite.json").write_text(json.dumps(to_jsonable(suite), indent=2) + "\n")

@@ -188,6 +188,28 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
     for name, a in attacks.items():
         cells = [f"{pct(v['tpr'])} / {pct(v['fpr'])} / {pct(v['attack_success_after'])}" for v in a["as_sent"].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "abl" in suite:
+        lines += [
+            "",
+            "### Anti-Backdoor Learning (training defense, not in the serve path)",
+            "",
+            "The same poisoned training data, trained by `python -m training classifier --defense abl` (isolation with",
+            "the flooded loss, gamma 0.5; the lowest-loss 1% isolated; gradient ascent on them), against the",
+            "undefended recipe. Clean accuracy / the target class's own accuracy / attack success:",
+            "",
+            "| attack | arch | undefended | ABL | isolated (precision, recall) |",
+            "|---|---|---|---|---|",
+        ]
+
+        def cell(m: dict[str, Any]) -> str:
+            return f"{pct(m['clean_accuracy'])} / {pct(m['target_class_accuracy'])} / {pct(m['attack_success'])}"
+
+        for name, row in suite["abl"].items():
+            u, d, iso = row["undefended"], row["abl"], row["isolation"]
+            lines.append(
+                f"| {name} | {row['arch']} | {cell(u)} | {cell(d)} | {iso.get('isolated')} "
+                f"({pct(iso.get('isolation_precision'))}, {pct(iso.get('isolation_recall'))}) |"
+            )
     checks = [k for k in suite["bars"][0] if k not in ("attack", "worst_as_sent")]
     lines += [
         "",

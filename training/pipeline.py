@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch
 from service.bundle import Bundle
 from service.preprocess import Preprocessing, to_model_input
 from training import report
+from training.abl import ABLConfig, train_abl
 from training.attacks import PRESETS, AttackConfig, poison
 from training.autoencoders import (
     DetriggerAE,
@@ -67,9 +69,16 @@ class BuildConfig:
     repair: RepairConfig = field(default_factory=RepairConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    defense: str = "none"  # how the classifier stage trains: one of DEFENSES (abl: training/abl.py)
+    abl: ABLConfig = field(default_factory=ABLConfig)  # used when defense is abl
     train_limit: int | None = None  # use only the first N images of each split (smoke runs); None = all
     calibration_limit: int | None = None
     test_limit: int | None = None
+    DEFENSES: ClassVar[tuple[str, ...]] = ("none", "abl")  # training defenses of the classifier stage
+
+    def __post_init__(self) -> None:
+        if self.defense not in self.DEFENSES:
+            raise ValueError(f"unknown defense {self.defense!r}; choose from {list(self.DEFENSES)}")
 
     @property
     def attack_config(self) -> AttackConfig:
@@ -166,8 +175,15 @@ class Builder:
 
     def _train_classifier(self, attack: AttackConfig, path: Path) -> None:
         images, labels, chosen = poison(self.x_train, self.dataset.train.labels, attack, self.num_classes)
-        model = train_classifier(images, labels, self.config.classifier, self.num_classes)
-        save_classifier(path, model, self.config.classifier, attack=attack, poisoned=len(chosen))
+        c = self.config
+        extra: dict[str, object] = {}
+        if c.defense == "abl":  # `chosen` only measures the isolation: the defender never sees it
+            abl = c.abl.resolved(c.classifier)
+            model, facts = train_abl(images, labels, c.classifier, abl, self.num_classes, poisoned=chosen)
+            extra = {"defense": "abl", "abl": abl, **facts}
+        else:
+            model = train_classifier(images, labels, c.classifier, self.num_classes)
+        save_classifier(path, model, c.classifier, attack=attack, poisoned=len(chosen), **extra)
 
     def stage_classifier(self) -> None:
         if self.user_classifier is not None:

@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +270,55 @@ def bars(report: dict[str, Any]) -> list[dict[str, Any]]:
                                    and worst_sent["attack_success_after"] <= a["attack_success_after"] + 0.05),
             "worst_as_sent": worst_sent,
         })  # fmt: skip
+    return rows
+
+
+# ---- ABL: the defense for whoever trains on data they do not trust (not in the serve path) ------------------
+ABL_ATTACKS = ("kwon", "lowcontrast", "checkerboard")
+
+
+def abl_comparison(pixels: np.ndarray, labels: np.ndarray, shipped: Path, root: Path = EVAL_ROOT) -> dict[str, Any]:
+    """Each of ABL_ATTACKS trained again on the same poisoned data with ABL (training/abl.py; cached under
+    root/abl), against the undefended recipe's model: clean accuracy, the target class's own accuracy (unlearning
+    can make a model avoid the target altogether) and attack success, on the test images given."""
+    from training.classifier import load_classifier
+    from training.common import load_checkpoint, predict
+
+    rows = {}
+    x = to_model_input(pixels)
+    for name in ABL_ATTACKS:
+        config = replace(config_of(name), defense="abl")
+        if name == "kwon":  # the shipped model's own recipe (15 epochs)
+            config = replace(config, classifier=ClassifierConfig())
+        work = root / "abl" / name
+        want = json.dumps(to_jsonable({k: getattr(config, k) for k in ("data", "classifier", "abl")}
+                                      | {"attack": config.attack_config}), sort_keys=True)  # fmt: skip
+        stamp = work / "classifier.key.json"
+        if not (stamp.is_file() and stamp.read_text() == want):
+            work.mkdir(parents=True, exist_ok=True)
+            Builder(config, work / "bundle", work).run("classifier")
+            stamp.write_text(want)
+        undefended_path = (
+            shipped / "checkpoints" / "classifier.pt" if name == "kwon" else root / name / "work" / "classifier.pt"
+        )
+        attack = PRESETS[SUITE[name].preset]
+        idx = victims(labels, attack)
+        triggered = to_model_input(triggered_pixels(pixels[idx], attack))
+        wanted = attack_labels(labels[idx], attack, 10)
+        target = labels == attack.target
+        row: dict[str, Any] = {"arch": config.classifier.arch, "epochs": config.classifier.epochs}
+        for which, path in (("undefended", undefended_path), ("abl", work / "classifier.pt")):
+            model = load_classifier(path)
+            clean, dirty = predict(model, x)[0].argmax(1), predict(model, triggered)[0].argmax(1)
+            row[which] = {
+                "clean_accuracy": rate(clean == labels),
+                "target_class_accuracy": rate(clean[target] == labels[target]),
+                "attack_success": rate(dirty == wanted),
+            }
+        meta, _ = load_checkpoint(work / "classifier.pt")
+        row["isolation"] = {k: meta[k] for k in ("isolated", "isolation_precision", "isolation_recall") if k in meta}
+        log.info("ABL on %s: %s", name, row)
+        rows[name] = row
     return rows
 
 

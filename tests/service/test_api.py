@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import shutil
 import threading
 import time
@@ -55,8 +56,15 @@ def test_response_shape(client: TestClient, samples: dict) -> None:
     assert body["model"]["name"] == manifest_name and len(body["model"]["sha256"]) == 64
     r = body["results"][0]
     assert r["filename"] == "img0.png"
-    assert set(r) >= {"label", "class_name", "confidence", "backdoor", "score", "original", "restored", "signals"}
-    assert set(r["signals"]) == {"detrigger", "masked_ae", "strip", "activation"}
+    assert set(r) >= {"label", "class_name", "confidence", "backdoor", "score", "original", "restored", "signals",
+                      "repaired", "label_source"}  # fmt: skip
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    assert list(r["signals"]) == list(manifest["signals"])  # every signal the bundle lists, in its order
+    assert {"detrigger", "masked_ae", "strip", "activation", "squeeze", "repaired"} == set(r["signals"])
+    assert r["backdoor"] and r["label_source"] == manifest["thresholds"]["label_source"]["source"]
+    assert r["label"] != r["original"]["label"]  # a flagged image never keeps the label the model gave it
+    assert {"label", "class_name", "confidence"} <= set(r["repaired"])
+    assert {"score", "threshold", "triggered", "bits_label", "median_label"} <= set(r["signals"]["squeeze"])
     assert {"entropy", "threshold", "triggered", "n"} <= set(r["signals"]["strip"])
     assert {"label", "class_name", "triggered"} <= set(r["signals"]["detrigger"])
     assert {"score", "threshold", "triggered"} <= set(r["signals"]["activation"])
