@@ -156,6 +156,22 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | " + " | ".join(f"{pct(v['tpr'])} / {pct(v['fpr'])}" for v in a["ablation"].values()) + " |"
         )
+    lines += ["", "What the ablation says, per attack (computed from the table above):", ""]
+    for name, a in attacks.items():
+        full = a["ablation"]["all"]["tpr"]
+        costs = {k.removeprefix("without "): full - v["tpr"] for k, v in a["ablation"].items() if k != "all"}
+        best = max(a["signals"], key=lambda s: a["signals"][s]["tpr"])
+        carrier = max(costs, key=lambda s: costs[s])
+        needed = [s for s, c in costs.items() if c > 0.005]
+        lines.append(
+            f"- **{name}**: best single signal {best} ({pct(a['signals'][best]['tpr'])} at its own threshold); "
+            + (
+                f"without {carrier} the fused TPR falls by {100 * costs[carrier]:.1f} points"
+                if costs[carrier] > 0.005
+                else "no single signal is needed (each one's loss is made up by the others)"
+            )
+            + (f"; signals worth more than 0.5 point here: {', '.join(needed)}." if needed else ".")
+        )
     lines += [
         "",
         "### Where a flagged image's label comes from",

@@ -1,0 +1,50 @@
+"""The suite section of reports/evaluation.md renders from attack_suite.json's shape (no models needed)."""
+
+from training.evaluation_report import render_suite
+from training.suite import AS_SENT, bars
+
+
+def fake_attack(tpr: float) -> dict:
+    signals = {s: {"tpr": tpr / 2, "fpr": 0.01, "auroc": 0.9} for s in ("detrigger", "strip", "repaired")}
+    sent = {v: {"tpr": tpr, "fpr": 0.01, "attack_success_after": 0.01} for v in AS_SENT}
+    ablation = {"all": {"tpr": tpr, "fpr": 0.01}, **{f"without {s}": {"tpr": tpr - 0.1, "fpr": 0.01} for s in signals}}
+    ablation["without repaired"] = {"tpr": tpr, "fpr": 0.01}
+    source = {"attack_success_after": 0.01, "triggered_true_label": 0.9, "clean_accuracy": 0.9}
+    return {
+        "description": "a trigger", "arch": "mlp", "images": {"clean": 100, "triggered": 90},
+        "clean_accuracy": 0.9, "attack_success": 0.99, "nc_flagged": [1], "signals": signals,
+        "fused": {"tpr": tpr, "fpr": 0.01, "auroc": 0.99}, "attack_success_after": 0.01,
+        "triggered_true_label": 0.9, "clean_accuracy_guarded": 0.895, "as_sent": sent, "ablation": ablation,
+        "label_sources": {"detrigger": source, "repaired": source},
+    }  # fmt: skip
+
+
+def test_render_suite_has_every_table_and_says_which_signal_carries_each_attack() -> None:
+    suite = {
+        "command": "python -m training.evaluate",
+        "as_sent_images": 50,
+        "attacks": {"one": fake_attack(0.99), "two": fake_attack(0.5)},
+        "clean_model": {
+            "arch": "mlp",
+            "fpr": 0.012,
+            "nc_flagged": [],
+            "clean_accuracy": 0.9,
+            "clean_accuracy_guarded": 0.89,
+            "images": 100,
+        },  # fmt: skip
+        "abl": {
+            "one": {
+                "arch": "mlp",
+                "undefended": {"clean_accuracy": 0.9, "target_class_accuracy": 0.8, "attack_success": 0.99},
+                "abl": {"clean_accuracy": 0.85, "target_class_accuracy": 0.5, "attack_success": 0.05},
+                "isolation": {"isolated": 550, "isolation_precision": 1.0, "isolation_recall": 0.1},
+            }
+        },  # fmt: skip
+    }
+    suite["bars"] = bars(suite)
+    text = "\n".join(render_suite(suite))
+    for heading in ("The attack suite", "Each signal per attack", "What each signal adds", "As the images arrive",
+                    "Where a flagged image's label comes from", "Anti-Backdoor Learning", "The bar, per attack"):  # fmt: skip
+        assert heading in text
+    assert "without detrigger the fused TPR falls by 10.0 points" in text
+    assert "| two |" in text and "**no**" in text  # the 50% attack misses its bar, and says so
