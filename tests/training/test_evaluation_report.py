@@ -19,6 +19,15 @@ def fake_attack(tpr: float) -> dict:
     }  # fmt: skip
 
 
+CLEAN = {"arch": "mlp", "fpr": 0.012, "nc_flagged": [], "clean_accuracy": 0.9, "clean_accuracy_guarded": 0.89,
+         "images": 100}  # fmt: skip
+UNDEFENDED = {"clean_accuracy": 0.9, "target_class_accuracy": 0.8, "attack_success": 0.99}
+DEFENDED = {"clean_accuracy": 0.85, "target_class_accuracy": 0.5, "attack_success": 0.05}
+ISOLATION = {"isolated": 550, "isolation_precision": 1.0, "isolation_recall": 0.1}
+HEADINGS = ("The attack suite", "Each signal per attack", "What each signal adds", "As the images arrive",
+            "Where a flagged image's label comes from", "Anti-Backdoor Learning", "The bar, per attack")  # fmt: skip
+
+
 def test_render_suite_has_every_table_and_says_which_signal_carries_each_attack() -> None:
     suite = {
         "command": "python -m training.evaluate",
@@ -31,7 +40,7 @@ def test_render_suite_has_every_table_and_says_which_signal_carries_each_attack(
             "clean_accuracy": 0.9,
             "clean_accuracy_guarded": 0.89,
             "images": 100,
-        },  # fmt: skip
+        },
         "abl": {
             "one": {
                 "arch": "mlp",
@@ -39,12 +48,11 @@ def test_render_suite_has_every_table_and_says_which_signal_carries_each_attack(
                 "abl": {"clean_accuracy": 0.85, "target_class_accuracy": 0.5, "attack_success": 0.05},
                 "isolation": {"isolated": 550, "isolation_precision": 1.0, "isolation_recall": 0.1},
             }
-        },  # fmt: skip
+        },
     }
     suite["bars"] = bars(suite)
     text = "\n".join(render_suite(suite))
-    for heading in ("The attack suite", "Each signal per attack", "What each signal adds", "As the images arrive",
-                    "Where a flagged image's label comes from", "Anti-Backdoor Learning", "The bar, per attack"):  # fmt: skip
+    for heading in HEADINGS:
         assert heading in text
     assert "without detrigger the fused TPR falls by 10.0 points" in text
     assert "| two |" in text and "**no**" in text  # the 50% attack misses its bar, and says so
