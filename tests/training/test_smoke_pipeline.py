@@ -52,7 +52,7 @@ def test_onnx_matches_pytorch(smoke: tuple[Path, Path], fashion_mnist) -> None:
     out, _ = smoke
     images = to_model_input(fashion_mnist.test.images[:64])
     gaps = parity_gaps(out, images)
-    assert set(gaps) == {"classifier", "detrigger_ae", "masked_ae", "reversed_triggers"}
+    assert set(gaps) == {"classifier", "repaired_classifier", "detrigger_ae", "masked_ae", "reversed_triggers"}
     assert max(gaps.values()) <= 1e-4, gaps
 
 
@@ -100,9 +100,11 @@ def test_a_users_torch_export_archive_can_be_guarded(smoke: tuple[Path, Path], t
     torch.export.save(program, str(archive))
     shutil.copytree(work, tmp_path / "work", ignore=shutil.ignore_patterns("control", "classifier.*"))
     out = tmp_path / "bundle"
-    for stage in ("neural-cleanse", "export", "calibrate"):
+    for stage in ("neural-cleanse", "repair", "export", "calibrate"):
         main([stage, "--smoke", "--classifier", str(archive), "--out", str(out), "--work", str(tmp_path / "work")])
     manifest = json.loads((out / "manifest.json").read_text())
+    assert (tmp_path / "work" / "repaired_classifier.pt2").is_file()  # repaired and saved as the user's kind
+    assert "repaired_classifier" in manifest["files"] and "repaired" in manifest["signals"]
     assert manifest["name"] == "fashion-mnist-users_model"
     assert manifest["configs"]["attack"] is None  # the attack of a user's model is unknown
     assert "fused" in manifest["thresholds"]
