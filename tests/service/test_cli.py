@@ -26,7 +26,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_verify_passes_on_the_shipped_bundle() -> None:
     result = cli("verify")
     assert result.returncode == 0, result.stderr
-    assert "fashion-mnist-kwon" in result.stdout and "5 files verified" in result.stdout
+    assert "fashion-mnist-kwon" in result.stdout and "6 files verified" in result.stdout
 
 
 def test_verify_fails_on_a_tampered_bundle_and_names_the_file(tmp_path: Path) -> None:
