@@ -154,8 +154,8 @@ def label_source(source: str, restored: Prediction, repaired: Prediction | None)
 def trusted_labels(
     original: Prediction, source: Prediction, backdoor: np.ndarray, infected: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Label policy: the original prediction, or for a suspected backdoor the label source's best label (the
-    repaired model when the bundle has one, else the de-triggered image) among those the attacker cannot want.
+    """Label policy: the original prediction, or for a suspected backdoor the label source's best label (see
+    `label_source`: chosen per bundle at calibration) among those the attacker cannot want.
 
     A suspected image never keeps the label the original model gave it: if the trigger worked, that label is
     the attacker's (single-target, all-to-all and clean-label alike), whatever the source says; nor does it get a
