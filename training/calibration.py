@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.bundle import Bundle, build_pipeline
-from service.guard import SOURCES, Fusion, GuardPipeline, SignalResult, label_source, trusted_labels
+from service.guard import SOURCES, Fusion, GuardPipeline, GuardResult, SignalResult, label_source, trusted_labels
 from service.signals import REGISTRY
 
 # Percentile levels of the fusion tables; above the last one an exponential tail takes over (service.guard.Fusion).
@@ -129,13 +129,12 @@ def calibrate(
         victims = idx_b[labels[idx_b] != label]
         stamped = bundle.stamp_reversed(images[victims], label)
         runs = guard.run_chunked(stamped)
-        for run, start in zip(runs, range(0, len(victims), 256), strict=True):
-            truth = labels[victims[start : start + 256]]
-            flagged = np.ones(len(truth), bool)  # every stand-in as if flagged: which source gives the true label
-            for source in SOURCES if run.repaired is not None else ("restored",):
-                pred = label_source(source, run.restored, run.repaired)
-                chosen, _ = trusted_labels(run.original, pred, flagged, guard.infected)
-                sources.setdefault(source, []).append(chosen == truth)
+        run = GuardResult.concat(runs)
+        flagged = np.ones(len(victims), bool)  # every stand-in as if flagged: which source gives the true label
+        for source in SOURCES if run.repaired is not None else ("restored",):
+            chosen, _ = trusted_labels(run.original, label_source(source, run.restored, run.repaired), flagged,
+                                       guard.infected)  # fmt: skip
+            sources.setdefault(source, []).append(chosen == labels[victims])
         stand_in[str(label)] = {
             "images": len(victims),
             "fused_tpr": float(np.mean(np.concatenate([r.backdoor for r in runs]))),

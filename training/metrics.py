@@ -85,13 +85,19 @@ class Outcome:
     signals: list[str]
 
 
+def outcome_of(
+    bundle: Bundle, clean: np.ndarray, labels: np.ndarray, trig: TriggeredSet, strip_n: int | None = None
+) -> Outcome:
+    """Run the guard over clean model inputs (float32 (N, 1, H, W)) with their labels and a triggered set."""
+    guard = build_pipeline(bundle, strip_n=strip_n)
+    clean_run, dirty_run = _join(guard.run_chunked(clean)), _join(guard.run_chunked(trig.images))
+    return Outcome(clean_run, dirty_run, labels, trig, [s.name for s in guard.signals])
+
+
 def guard_outcome(
     bundle: Bundle, images: np.ndarray, labels: np.ndarray, attack: AttackConfig, strip_n: int | None = None
 ) -> Outcome:
-    trig = triggered_set(images, labels, attack, len(bundle.class_names))
-    guard = build_pipeline(bundle, strip_n=strip_n)
-    clean, dirty = _join(guard.run_chunked(images)), _join(guard.run_chunked(trig.images))
-    return Outcome(clean, dirty, labels, trig, [s.name for s in guard.signals])
+    return outcome_of(bundle, images, labels, triggered_set(images, labels, attack, len(bundle.class_names)), strip_n)
 
 
 def metrics_of(o: Outcome) -> dict[str, Any]:

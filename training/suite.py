@@ -30,7 +30,7 @@ from training.attacks import PRESETS, attack_labels, triggered_pixels, victims
 from training.classifier import ClassifierConfig
 from training.common import to_jsonable
 from training.data import DataConfig
-from training.metrics import Outcome, TriggeredSet, _join, metrics_of, rate
+from training.metrics import Outcome, TriggeredSet, metrics_of, outcome_of, rate
 from training.pipeline import SIGNALS, BuildConfig, Builder
 
 log = logging.getLogger(__name__)
@@ -154,15 +154,6 @@ def as_sent(pixels: np.ndarray, variant: str, contract: Preprocessing) -> np.nda
 
 
 # ---- measuring one entry ---------------------------------------------------------------------------------
-def outcome_of(bundle: Bundle, clean: np.ndarray, labels: np.ndarray, triggered: np.ndarray,
-               true_labels: np.ndarray, wanted: np.ndarray) -> Outcome:  # fmt: skip
-    """Run the guard over clean and triggered model inputs (float32 (N, 1, H, W))."""
-    guard = build_pipeline(bundle)
-    clean_run, dirty_run = _join(guard.run_chunked(clean)), _join(guard.run_chunked(triggered))
-    trig = TriggeredSet(triggered, true_labels, wanted)
-    return Outcome(clean_run, dirty_run, labels, trig, [s.name for s in guard.signals])
-
-
 def ablation(bundle: Bundle, o: Outcome, half_b: np.ndarray) -> dict[str, dict[str, float]]:
     """What each signal adds: the fused verdict without it, its threshold re-fitted exactly as calibration fits the
     full one (the (1 - target FPR) quantile of half B's fused scores, over the same percentile tables)."""
@@ -200,7 +191,9 @@ def measure(
     idx = victims(labels, attack)
     trig_pixels = triggered_pixels(pixels[idx], attack)  # 8-bit, as a PNG of the triggered image holds it
     wanted = attack_labels(labels[idx], attack, classes)
-    o = outcome_of(bundle, to_model_input(pixels), labels, to_model_input(trig_pixels), labels[idx], wanted)
+    o = outcome_of(
+        bundle, to_model_input(pixels), labels, TriggeredSet(to_model_input(trig_pixels), labels[idx], wanted)
+    )
     m = metrics_of(o)
     fused, clf = m["fused"], m["classifier"]
     out: dict[str, Any] = {
@@ -234,7 +227,9 @@ def measure(
     for variant in AS_SENT:
         clean_x = to_model_input(as_sent(pixels[:n_sent], variant, contract))
         trig_x = to_model_input(as_sent(trig_pixels[: len(sent_idx)], variant, contract))
-        v = outcome_of(bundle, clean_x, labels[:n_sent], trig_x, labels[sent_idx], wanted[: len(sent_idx)])
+        v = outcome_of(
+            bundle, clean_x, labels[:n_sent], TriggeredSet(trig_x, labels[sent_idx], wanted[: len(sent_idx)])
+        )
         vm = metrics_of(v)
         out["as_sent"][variant] = {
             "tpr": vm["fused"]["tpr"], "fpr": vm["fused"]["fpr"],

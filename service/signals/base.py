@@ -129,3 +129,10 @@ def confidence_drop(original: Prediction, other: Prediction) -> np.ndarray:
     """How much `other` lowers the probability of the originally predicted label, in [-1, 1]."""
     rows = np.arange(len(original.logits))
     return original.probs[rows, original.labels] - other.probs[rows, original.labels]
+
+
+def drop_result(original: Prediction, other: Prediction, threshold: float | None, **extra: Any) -> SignalResult:
+    """A signal scored by `confidence_drop` against its threshold, with the other prediction as evidence."""
+    score = confidence_drop(original, other)
+    evidence = {"label": other.labels, "confidence": other.confidence, "score": score}
+    return SignalResult(score=score, triggered=above(score, threshold), evidence=evidence, **extra)

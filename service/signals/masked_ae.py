@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.signals.base import ImageModel, Prediction, Signal, SignalResult, above, confidence_drop
+from service.signals.base import ImageModel, Prediction, Signal, SignalResult, drop_result
 
 if TYPE_CHECKING:
     from service.bundle import Bundle
@@ -28,13 +28,7 @@ class MaskedAESignal(Signal):
         return self.restore(x)
 
     def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
-        score = confidence_drop(original, pred)
-        return SignalResult(
-            score=score,
-            triggered=above(score, self.threshold),
-            evidence={"label": pred.labels, "confidence": pred.confidence, "score": score},
-            images=extra,
-        )
+        return drop_result(original, pred, self.threshold, images=extra)
 
     @classmethod
     def threshold_bounds(cls, classes: int) -> tuple[float, float] | None:

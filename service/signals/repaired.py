@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.signals.base import Prediction, Signal, SignalResult, above, confidence_drop
+from service.signals.base import Prediction, Signal, SignalResult, drop_result
 
 if TYPE_CHECKING:
     from service.bundle import Bundle
@@ -35,13 +35,7 @@ class RepairedSignal(Signal):
         return x  # the same images, through the repaired model
 
     def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
-        score = confidence_drop(original, pred)
-        return SignalResult(
-            score=score,
-            triggered=above(score, self.threshold),
-            evidence={"label": pred.labels, "confidence": pred.confidence, "score": score},
-            labels=pred.labels,
-        )
+        return drop_result(original, pred, self.threshold, labels=pred.labels)
 
     @classmethod
     def threshold_bounds(cls, classes: int) -> tuple[float, float] | None:
