@@ -36,10 +36,11 @@ class RepairConfig:
     unlearn_share: float = 0.2  # share of each batch stamped with a reversed trigger, true label kept (0: off)
     # Whose reversed triggers are unlearned: every flagged label and the `unlearn_labels` labels with the smallest
     # masks (the most trigger-like). Every label's would also unlearn the natural features that turn one class
-    # into another: measured on the shipped model, that cost 4 points of held-out accuracy.
+    # into another (in a one-off scratch comparison on the shipped model, not a repo command, it cost about 4 points
+    # of held-out accuracy; `python -m training repair` logs the held-out accuracy of the recipe as it stands).
     unlearn_labels: int = 3
-    # Off by default: measured on the suite's first models it cost 2-5 points of clean accuracy and 5x the time
-    # for less than Neural Cleanse unlearning gave (checkerboard 47% attack success left vs 27%).
+    # Off by default: in one-off scratch comparisons on three suite models (not a repo command) it cost 2-5 points of
+    # clean accuracy and about 5x the time, for less than Neural Cleanse unlearning gave.
     adversarial: bool = False  # adversarial unlearning of a universal perturbation per batch
     adv_radius: float = 4.0  # L2 radius of that perturbation (a 4x4 white patch is ~3.5, a 0.15 blend ~1.7)
     adv_steps: int = 5  # gradient steps that find it
