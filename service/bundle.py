@@ -25,7 +25,7 @@ __all__ = ["MANIFEST", "Bundle", "BundleError", "build_pipeline", "check_digest"
 
 log = logging.getLogger(__name__)
 ONNX_MODELS = ("classifier", "detrigger_ae", "masked_ae", "reversed_triggers")  # every bundle has these
-OPTIONAL_MODELS = ("repaired_classifier",)  # bundles built with the repair stage have these
+OPTIONAL_MODELS = ("repaired_classifier", "backdoor_expert")  # made by the repair and expert stages
 
 
 def sha256_file(path: Path) -> str:
@@ -138,7 +138,8 @@ class Bundle:
         return self.classifier("classifier")(images)
 
     def classifier(self, name: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-        """The classifier `name` ("classifier", "repaired_classifier") as images -> (logits, features)."""
+        """The classifier `name` ("classifier", "repaired_classifier", "backdoor_expert") as images -> (logits,
+        features)."""
         session = self.sessions[name]
 
         def classify(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ The signals live in service.signals, one file each, with a two-step interface (p
 passes of a batch through one model (the input, both restorations, STRIP's N overlays, the squeezed copies) run
 as one ONNX Runtime call, and the repaired model's passes as one more.
 The fused verdict ranks each score against the clean calibration distribution (an empirical CDF stored
-in the manifest) and takes the largest rank: "how far into the clean tail is the most alarmed signal".
+in the manifest) and combines the ranks (Fusion: the largest, or Fisher's sum of surprises).
 A score that is not finite fails the batch (NonFiniteScore; the service's 500 guard_failed) rather than pass
 as clean: the guard fails closed.
 Calibration (training/calibration.py), evaluation and the service all run this same code.
@@ -29,39 +29,66 @@ from service.signals.squeeze import SqueezeSignal
 from service.signals.strip import Blend, StripSignal, strip_entropy, superimpose
 
 __all__ = [
-    "SOURCES", "ActivationSignal", "Blend", "Classify", "DetriggerSignal", "Fusion", "GuardPipeline", "GuardResult",
-    "MaskedAESignal", "NonFiniteScore", "Prediction", "RepairedSignal", "Signal", "SignalResult", "SqueezeSignal",
-    "StripSignal", "entropy_bits", "fail_closed", "label_source", "softmax", "strip_entropy", "superimpose",
-    "trusted_labels",
+    "RULES", "SOURCES", "ActivationSignal", "Blend", "Classify", "DetriggerSignal", "Fusion", "GuardPipeline",
+    "GuardResult", "MaskedAESignal", "NonFiniteScore", "Prediction", "RepairedSignal", "Signal", "SignalResult",
+    "SqueezeSignal", "StripSignal", "entropy_bits", "fail_closed", "label_source", "softmax", "strip_entropy",
+    "superimpose", "trusted_labels",
 ]  # fmt: skip
 
 Classify = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # images -> (logits, features)
 
 
+RULES = ("max", "fisher")  # how the fused verdict combines the signals' clean-tail ranks (Fusion.rule)
+
+
 @dataclass(frozen=True)
 class Fusion:
-    """Largest clean-calibration percentile over signals; backdoor when it exceeds `threshold`.
+    """Combines the signals by how far each score lies in its clean calibration tail.
 
     A signal's percentile is its clean calibration CDF: the empirical table up to `levels[-1]` (the 90th
     percentile), and above it an exponential tail fitted to the clean scores that exceed it (peaks over
     threshold): 1 - (1 - levels[-1]) * exp(-(score - q) / scale). The tail keeps the ordering beyond the
     largest calibration score, so that a few hundred calibration images still give a threshold that can
     fire (an empirical CDF alone puts everything past its maximum at exactly 1.0, a tie).
+
+    rule "max" (bundles calibrated before the rule existed): the fused score is the largest percentile, "how
+    far into the clean tail is the most alarmed signal". rule "fisher" (new bundles): the surprises
+    -log(1 - percentile) are summed, as in Fisher's method, and the fused score is 1 - exp(-sum), which is
+    the percentile itself when one signal speaks. Two signals that are each moderately unusual then add up,
+    where the max needs one of them to be extreme: an attack that no single signal separates well (WaNet's
+    warp: the backdoor expert and the repaired model each half-sure) is caught by their agreement. Either
+    way the threshold is the (1 - target FPR) quantile of clean held-out fused scores.
     """
 
     levels: np.ndarray  # (Q,) increasing probabilities in [0, levels[-1]]
     quantiles: Mapping[str, np.ndarray]  # signal -> (Q,) clean calibration scores at those levels
     tail_scale: Mapping[str, float]  # signal -> mean excess of clean scores over the table's last quantile
     threshold: float
+    rule: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown fusion rule {self.rule!r}; choose from {RULES}")
 
     def percentile(self, name: str, score: np.ndarray) -> np.ndarray:
+        return -np.expm1(-self.surprise(name, score))
+
+    def surprise(self, name: str, score: np.ndarray) -> np.ndarray:
+        """-log(1 - percentile), computed without rounding the far tail to infinity."""
         table, top = self.quantiles[name], float(self.levels[-1])
         body = np.interp(score, table, self.levels, left=0.0)
         excess = np.maximum(score - table[-1], 0.0) / self.tail_scale[name]
-        return np.where(score > table[-1], 1.0 - (1.0 - top) * np.exp(-excess), body)
+        with np.errstate(divide="ignore"):
+            return np.where(score > table[-1], -math.log1p(-top) + excess, -np.log1p(-np.minimum(body, top)))
 
     def score(self, results: Mapping[str, SignalResult]) -> np.ndarray:
-        return np.max([self.percentile(name, results[name].score) for name in self.quantiles], axis=0)
+        return self.combine({name: results[name].score for name in self.quantiles})
+
+    def combine(self, scores: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Signal name -> raw scores (every signal of the fusion) -> fused scores in [0, 1]."""
+        surprises = [self.surprise(name, scores[name]) for name in self.quantiles]
+        total = np.max(surprises, axis=0) if self.rule == "max" else np.sum(surprises, axis=0)
+        return -np.expm1(-total)
 
     @classmethod
     def from_manifest(cls, fused: Mapping[str, Any]) -> Fusion:
@@ -70,6 +97,7 @@ class Fusion:
             quantiles={k: np.asarray(v, np.float64) for k, v in fused["quantiles"].items()},
             tail_scale={k: float(v) for k, v in fused["tail_scale"].items()},
             threshold=float(fused["threshold"]),
+            rule=str(fused.get("rule", "max")),
         )
 
 

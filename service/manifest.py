@@ -65,6 +65,7 @@ BLENDS = ("sum", "mean")
 TENSORS = {
     "classifier": (("images",), ("logits", "features")),
     "repaired_classifier": (("images",), ("logits", "features")),  # optional: only when the bundle has one
+    "backdoor_expert": (("images",), ("logits", "features")),  # optional: only when the bundle has one
     "detrigger_ae": (("images",), ("restored",)),
     "masked_ae": (("images",), ("restored",)),
     "reversed_triggers": (("images", "label"), ("stamped",)),
@@ -306,6 +307,7 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         ("neural_cleanse.flagged_labels", items(integer(0, classes - 1), distinct=True)),
         ("neural_cleanse.activation_neurons", neurons(classes, width)),
     ]
+    from service.guard import RULES
     from service.signals import REGISTRY  # each signal knows the range of its own threshold
 
     names = signal_names(manifest)
@@ -324,6 +326,8 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
             ("thresholds.fused.quantiles", keys(*names)),
             ("thresholds.fused.tail_scale", keys(*names)),
         ]
+        if _at(manifest, "thresholds.fused.rule") is not _MISSING:  # bundles calibrated before it: "max"
+            rules.append(("thresholds.fused.rule", one_of(*RULES)))
         if _at(manifest, "thresholds.label_source") is not _MISSING:  # bundles calibrated before it: "restored"
             sources = ("restored", "repaired", "both") if "repaired" in names else ("restored",)
             rules.append(("thresholds.label_source.source", one_of(*sources)))

@@ -33,7 +33,8 @@ class ImageResult(BaseModel):
     confidence: float
     backdoor: bool = Field(description="the fused verdict: does this image carry a backdoor trigger?")
     score: float = Field(
-        description="fused score in [0, 1]: the highest clean-calibration percentile reached by any signal"
+        description="fused score in [0, 1]: how far into the clean calibration tail the signals put the image together "
+        "(1 - exp(-sum of each signal's -log(1 - clean percentile)); older bundles: the highest percentile)"
     )
     threshold: float = Field(description="backdoor is true when score exceeds this")
     original: Prediction = Field(description="the classifier on the image as sent")

@@ -8,8 +8,9 @@ running the exported bundle through the service's own pipeline (service.guard); 
 - STRIP: a normal fitted to clean entropies, threshold at its `target_fpr` percentile (Gao et al.);
 - masked AE, activation, squeeze, repaired: the empirical (1 - target_fpr) quantile of clean scores;
 - de-trigger AE: Kwon's rule (label changes) has no threshold; its clean flag rate is recorded;
-- fused: per-signal percentile tables from half A, threshold at the (1 - target_fpr) quantile of half
-  B's fused scores, so that the threshold is not fitted on the images that built the tables.
+- fused: per-signal percentile tables from half A, combined by `fusion` (Fisher's sum of clean-tail
+  surprises; service.guard.Fusion), threshold at the (1 - target_fpr) quantile of half B's fused scores,
+  so that the threshold is not fitted on the images that built the tables.
 Neural Cleanse's reversed triggers (what a defender can compute) serve as stand-in attacks: their
 detection rates are recorded as a sanity check and never move a threshold. The real trigger is not used.
 """
@@ -37,6 +38,10 @@ class CalibrationConfig:
     bank_size: int = 256  # clean images shipped for STRIP (the first strip_n are the overlays)
     repair_share: float = 0.3  # share of the calibration split the repair stage fine-tunes on (with the bank)
     seed: int = 0  # which calibration images go to the bank, the repair share and each half
+    # How the fused verdict combines the signals (service.guard.RULES). fisher: on the suite it caught WaNet 50%
+    # vs 25% and the low-contrast patch 82% vs 72% for max, every other attack within 1.3 points, with the default
+    # SIGNALS (make evaluate; the one-off comparison of rules and signal sets is in reports/evaluation.md).
+    fusion: Literal["max", "fisher"] = "fisher"
 
 
 def _order(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,15 +102,21 @@ def fit_thresholds(
         own["strip"].update(n=config.strip_n, blend=config.strip_blend)
     quantiles = {k: np.quantile(half_a[k].score, FUSION_LEVELS) for k in half_a}
     tail_scale = {k: tail_scale_of(half_a[k].score, quantiles[k][-1]) for k in half_a}
-    fusion = Fusion(FUSION_LEVELS, quantiles, tail_scale, threshold=1.0)
+    fusion = Fusion(FUSION_LEVELS, quantiles, tail_scale, threshold=1.0, rule=config.fusion)
     fused_b = fusion.score(half_b)
     fused_threshold = float(np.quantile(fused_b, 1 - fpr))
+    if fused_threshold >= 1 - 1e-12:  # float64 rounds fused scores past this to 1.0: nothing could exceed it
+        raise ValueError(
+            f"the fused threshold {fused_threshold!r} is too close to 1 to be exceeded: the clean calibration scores "
+            "are that far into their own tails, so the signals' tables do not describe clean data"
+        )
     return {
         "target_fpr": fpr,
         **own,
         "fused": {
             "threshold": fused_threshold,
             "calibration_fpr": float(np.mean(fused_b > fused_threshold)),
+            "rule": config.fusion,
             "levels": FUSION_LEVELS.round(6).tolist(),
             "quantiles": {k: v.tolist() for k, v in quantiles.items()},
             "tail_scale": tail_scale,

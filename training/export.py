@@ -164,5 +164,5 @@ def torch_models(root: Path) -> dict[str, nn.Module]:
         "detrigger_ae": detrigger.eval(),
         "masked_ae": MaskedRestorer(masked, meta["config"]["patch"], meta["config"]["sharpen"]).eval(),
         "reversed_triggers": ReversedTriggers(nc.masks, nc.patterns).eval(),
-        **({"repaired_classifier": load_classifier(ck["repaired_classifier"])} if "repaired_classifier" in ck else {}),
+        **{name: load_classifier(ck[name]) for name in ("repaired_classifier", "backdoor_expert") if name in ck},
     }

@@ -7,6 +7,7 @@ import logging
 import platform
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +34,7 @@ from training.calibration import CalibrationConfig, calibrate, repair_indices, s
 from training.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
 from training.common import load_checkpoint, predict, save_checkpoint, to_jsonable, write_json
 from training.data import DataConfig, Dataset, load_dataset
+from training.expert import ExpertConfig, train_expert
 from training.export import (
     ExportConfig,
     ReversedTriggers,
@@ -48,14 +50,24 @@ from training.repair import RepairConfig, repair, suspects
 log = logging.getLogger(__name__)
 # The order `all` runs them in; `control` (a clean model for Neural Cleanse's false-alarm check) is optional.
 STAGES = (
-    "data", "classifier", "control", "masked-ae", "detrigger-ae", "neural-cleanse", "repair", "export", "calibrate",
-    "metrics",
+    "data", "classifier", "control", "masked-ae", "detrigger-ae", "neural-cleanse", "repair", "expert", "export",
+    "calibrate", "metrics",
 )  # fmt: skip
-# What a new bundle runs (manifest `signals`), with parameters; `repaired` only when the repair stage ran.
+# What a new bundle runs (manifest `signals`), with parameters; a signal that needs a model of its own
+# (SIGNAL_MODELS) only when the stage that makes that model ran.
+# masked_ae and squeeze stay available (a bundle whose manifest lists them runs them) but are not in the default:
+# the suite's ablation showed neither adds a point of TPR on any attack, and under the Fisher fusion every
+# extra signal's clean noise raises the threshold (make evaluate: reports/evaluation.md, ablation).
 SIGNALS: dict[str, dict[str, object]] = {
-    "detrigger": {}, "masked_ae": {}, "strip": {}, "activation": {}, "squeeze": {"bits": 3, "median": 2},
-    "repaired": {},
+    "detrigger": {}, "strip": {}, "activation": {}, "repaired": {}, "expert": {},
 }  # fmt: skip
+SIGNAL_MODELS = {"repaired": "repaired_classifier", "expert": "backdoor_expert"}  # signal -> the model it runs
+DERIVED_MODELS = tuple(SIGNAL_MODELS.values())  # copies of the classifier that stages fine-tune (repair, expert)
+
+
+def bundle_signals(files: Collection[str]) -> list[str]:
+    """The SIGNALS a bundle with these model files runs."""
+    return [name for name in SIGNALS if name not in SIGNAL_MODELS or SIGNAL_MODELS[name] in files]
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,7 @@ class BuildConfig:
     detrigger: DetriggerConfig = field(default_factory=DetriggerConfig)
     neural_cleanse: NeuralCleanseConfig = field(default_factory=NeuralCleanseConfig)
     repair: RepairConfig = field(default_factory=RepairConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     defense: str = "none"  # how the classifier stage trains: one of DEFENSES (abl: training/abl.py)
@@ -96,6 +109,7 @@ def smoke(config: BuildConfig) -> BuildConfig:
         detrigger=replace(config.detrigger, epochs=1),
         neural_cleanse=replace(config.neural_cleanse, steps=20, round_steps=5),
         repair=replace(config.repair, epochs=1, adv_steps=1),
+        expert=replace(config.expert, max_epochs=1),
         calibration=replace(config.calibration, strip_n=8, bank_size=64),
         export=replace(config.export, parity_images=64),
         train_limit=2000,
@@ -114,6 +128,7 @@ def with_seed(config: BuildConfig, seed: int) -> BuildConfig:
         detrigger=replace(config.detrigger, seed=seed),
         neural_cleanse=replace(config.neural_cleanse, seed=seed),
         repair=replace(config.repair, seed=seed),
+        expert=replace(config.expert, seed=seed),
         calibration=replace(config.calibration, seed=seed),
     )
 
@@ -209,9 +224,27 @@ class Builder:
         result.save(self.work / "neural_cleanse.npz")
         log.info("anomaly index %s, flagged %s", result.anomaly_index.round(2).tolist(), result.flagged_labels)
 
+    def derived_path(self, name: str) -> Path:
+        """Where a model derived from the classifier (repaired_classifier, backdoor_expert) is kept: a .pt2
+        archive for a user's archive, else our checkpoint."""
+        return self.work / (name + (".pt2" if self.classifier_path.suffix == ".pt2" else ".pt"))
+
     @property
     def repaired_path(self) -> Path:
-        return self.work / ("repaired_classifier" + (".pt2" if self.classifier_path.suffix == ".pt2" else ".pt"))
+        return self.derived_path("repaired_classifier")
+
+    def _save_derived(self, name: str, model: torch.nn.Module, facts: dict[str, object]) -> None:
+        """Save a fine-tuned copy of the classifier the way the classifier came: a user's archive is exported
+        again as an archive; our checkpoint keeps the original's architecture and config."""
+        path = self.derived_path(name)
+        if path.suffix == ".pt2":
+            batch = torch.export.Dim("batch")
+            program = torch.export.export(model, (torch.from_numpy(self.x_cal[:2]),), dynamic_shapes=({0: batch},))
+            torch.export.save(program, str(path))
+            write_json(path.with_suffix(".json"), facts)
+        else:
+            meta, _ = load_checkpoint(self.classifier_path)
+            save_checkpoint(path, model, meta["arch"], meta["config"], num_classes=meta["num_classes"], **facts)
 
     def stage_repair(self) -> None:
         """Fine-prune and unlearn a copy of the classifier on clean data (the bank and the repair share)."""
@@ -222,15 +255,16 @@ class Builder:
         log.info("unlearning the reversed triggers of labels %s", labels)
         y = self.dataset.calibration.labels[idx]
         model, facts = repair(model, self.x_cal[idx], y, nc.masks[labels], nc.patterns[labels], self.config.repair)
-        if self.repaired_path.suffix == ".pt2":  # a user's archive: export the repaired module the same way
-            batch = torch.export.Dim("batch")
-            program = torch.export.export(model, (torch.from_numpy(self.x_cal[:2]),), dynamic_shapes=({0: batch},))
-            torch.export.save(program, str(self.repaired_path))
-            write_json(self.repaired_path.with_suffix(".json"), {"repair": self.config.repair, **facts})
-        else:  # the original's architecture and config, whoever trained it
-            meta, _ = load_checkpoint(self.classifier_path)
-            extra = {"num_classes": meta["num_classes"], "repair": self.config.repair, **facts}
-            save_checkpoint(self.repaired_path, model, meta["arch"], meta["config"], **extra)
+        self._save_derived("repaired_classifier", model, {"repair": self.config.repair, **facts})
+
+    def stage_expert(self) -> None:
+        """Fine-tune a copy of the classifier on mislabelled clean data (the bank and the repair share) into a
+        backdoor expert (training.expert)."""
+        model = load_classifier(self.classifier_path)
+        idx = repair_indices(len(self.x_cal), self.config.calibration)
+        y = self.dataset.calibration.labels[idx]
+        model, facts = train_expert(model, self.x_cal[idx], y, self.num_classes, self.config.expert)
+        self._save_derived("backdoor_expert", model, {"expert": self.config.expert, **facts})
 
     def stage_export(self) -> None:
         cfg = self.config.export
@@ -246,24 +280,17 @@ class Builder:
         label = torch.tensor([nc.flagged_labels[0] if nc.flagged_labels else 0])
         self.out.mkdir(parents=True, exist_ok=True)
         images, restored = ["images"], ["restored"]
+        derived = {name: self.derived_path(name) for name in DERIVED_MODELS if self.derived_path(name).is_file()}
         files = {
             "classifier": export_onnx(
                 classifier, example, self.out / "classifier.onnx", images, ["logits", "features"], cfg
             ),
-            **(
-                {
-                    "repaired_classifier": export_onnx(
-                        load_classifier(self.repaired_path),
-                        example,
-                        self.out / "repaired_classifier.onnx",
-                        images,
-                        ["logits", "features"],
-                        cfg,
-                    )
-                }
-                if self.repaired_path.is_file()
-                else {}
-            ),
+            **{
+                name: export_onnx(
+                    load_classifier(path), example, self.out / f"{name}.onnx", images, ["logits", "features"], cfg
+                )
+                for name, path in derived.items()
+            },
             "detrigger_ae": export_onnx(detrigger, example, self.out / "detrigger_ae.onnx", images, restored, cfg),
             "masked_ae": export_onnx(restorer, example, self.out / "masked_ae.onnx", images, restored, cfg),
             "reversed_triggers": export_onnx(
@@ -275,7 +302,7 @@ class Builder:
         # The PyTorch sources ride along (small) so that anyone can repeat the parity check or fine-tune.
         sources = {
             "classifier": self.classifier_path,
-            **({"repaired_classifier": self.repaired_path} if self.repaired_path.is_file() else {}),
+            **derived,
             "detrigger_ae": self.work / "detrigger_ae.pt",
             "masked_ae": self.work / "masked_ae.pt",
             "reversed_triggers": self.work / "neural_cleanse.npz",
@@ -300,7 +327,7 @@ class Builder:
                     else params
                 )
                 for name, params in SIGNALS.items()
-                if name != "repaired" or "repaired_classifier" in files
+                if name in bundle_signals(files)
             },
             configs=to_jsonable(
                 {
@@ -312,6 +339,7 @@ class Builder:
                     "detrigger": c.detrigger,
                     "neural_cleanse": c.neural_cleanse,
                     "repair": c.repair,
+                    "expert": c.expert,
                     "calibration": c.calibration,
                     "export": c.export,
                     "strip": {"n": c.calibration.strip_n, "blend": c.calibration.strip_blend},

@@ -31,7 +31,7 @@ from training.classifier import ClassifierConfig
 from training.common import to_jsonable
 from training.data import DataConfig
 from training.metrics import Outcome, TriggeredSet, metrics_of, outcome_of, rate
-from training.pipeline import SIGNALS, BuildConfig, Builder
+from training.pipeline import DERIVED_MODELS, BuildConfig, Builder, bundle_signals
 
 log = logging.getLogger(__name__)
 EVAL_ROOT = Path("build/eval")
@@ -61,6 +61,7 @@ CACHED = {
     "classifier": ("attack", "data", "classifier"),
     "neural-cleanse": ("attack", "data", "classifier", "neural_cleanse"),
     "repair": ("attack", "data", "classifier", "neural_cleanse", "repair"),
+    "expert": ("attack", "data", "classifier", "calibration", "expert"),
 }
 
 
@@ -103,18 +104,21 @@ def train(name: str, root: Path = EVAL_ROOT, data: DataConfig | None = None, sta
     return builder
 
 
-def _current(out: Path, shipped: Path, config: BuildConfig) -> bool:
-    """Whether a suite bundle was exported and calibrated from the shipped autoencoders with this config."""
+def _current(builder: Builder, shipped: Path) -> bool:
+    """Whether a suite bundle was exported and calibrated from the shipped autoencoders, this config and the
+    derived models (repaired, expert) that the work folder now holds."""
+    out, config = builder.out, builder.config
     path = out / "manifest.json"
     if not path.is_file():
         return False
     m, s = json.loads(path.read_text()), json.loads((shipped / "manifest.json").read_text())
     same_aes = all(m["files"][k]["sha256"] == s["files"][k]["sha256"] for k in ("detrigger_ae", "masked_ae"))
-    same_signals = list(m.get("signals", {})) == [
-        k for k in SIGNALS if k != "repaired" or "repaired_classifier" in m["files"]
-    ]
-    same_config = m["configs"]["classifier"] == to_jsonable(config.classifier) and "thresholds" in m
-    return same_aes and same_signals and same_config and m["preprocessing"] == Preprocessing().to_dict()
+    same_signals = list(m.get("signals", {})) == bundle_signals(m["files"])
+    same_config = "thresholds" in m and all(
+        m["configs"].get(part) == to_jsonable(getattr(config, part)) for part in ("classifier", "repair", "expert")
+    )
+    same_models = all((name in m["files"]) == builder.derived_path(name).is_file() for name in DERIVED_MODELS)
+    return same_models and same_aes and same_signals and same_config and m["preprocessing"] == Preprocessing().to_dict()
 
 
 def suite_bundle(name: str, shipped: Path, root: Path = EVAL_ROOT, data: DataConfig | None = None,
@@ -124,7 +128,7 @@ def suite_bundle(name: str, shipped: Path, root: Path = EVAL_ROOT, data: DataCon
     if name == "kwon":
         return shipped
     builder = train(name, root, data)
-    if rebuild or not _current(builder.out, shipped, builder.config):
+    if rebuild or not _current(builder, shipped):
         copy_autoencoders(shipped, builder.work)
         for stage in ("export", "calibrate"):
             builder.run(stage)
@@ -164,19 +168,16 @@ def ablation(bundle: Bundle, o: Outcome, half_b: np.ndarray) -> dict[str, dict[s
     fpr = float(bundle.manifest["thresholds"]["target_fpr"])
     raw = collect(build_pipeline(bundle, calibrated=False), half_b)
 
-    def ranks(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {n: fusion.percentile(n, scores[n]) for n in o.signals}
-
-    cal = ranks({n: raw[n].score for n in o.signals})
-    clean = ranks({n: o.clean[f"{n}.score"] for n in o.signals})
-    dirty = ranks({n: o.triggered[f"{n}.score"] for n in o.signals})
+    cal = {n: raw[n].score for n in o.signals}
+    clean = {n: o.clean[f"{n}.score"] for n in o.signals}
+    dirty = {n: o.triggered[f"{n}.score"] for n in o.signals}
     rows = {}
     for drop in (None, *o.signals):
-        keep = [n for n in o.signals if n != drop]
-        threshold = float(np.quantile(np.max([cal[n] for n in keep], axis=0), 1 - fpr))
+        part = replace(fusion, quantiles={n: q for n, q in fusion.quantiles.items() if n != drop})
+        threshold = float(np.quantile(part.combine(cal), 1 - fpr))
         rows["all" if drop is None else f"without {drop}"] = {
-            "tpr": rate(np.max([dirty[n] for n in keep], axis=0) > threshold),
-            "fpr": rate(np.max([clean[n] for n in keep], axis=0) > threshold),
+            "tpr": rate(part.combine(dirty) > threshold),
+            "fpr": rate(part.combine(clean) > threshold),
         }
     return rows
 

@@ -1,0 +1,54 @@
+"""The backdoor expert (training.expert, after BaDExpert): a copy of the classifier fine-tuned on mislabelled
+clean data, which has unlearned the classes but kept the backdoor.
+
+It classifies the same image. On a clean image the expert has lost the evidence for the model's label; on a
+triggered one the backdoor still fires in it and it keeps giving the model's (the attacker's) label with
+confidence. The score is the expert's log-probability of the model's label: higher = more suspicious,
+calibrated on clean images. One more pass per image, through its own ONNX model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.signals.base import Prediction, Signal, SignalResult, above
+
+if TYPE_CHECKING:
+    from service.bundle import Bundle
+
+
+def log_prob(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """log softmax(logits)[i, labels[i]] in float64: finite and ordered where probabilities round to 1."""
+    z = logits.astype(np.float64)
+    top = z.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+    return z[np.arange(len(z)), labels] - lse
+
+
+class ExpertSignal(Signal):
+    name = "expert"
+    model = "backdoor_expert"
+
+    def __init__(self, threshold: float | None) -> None:
+        self.threshold = threshold
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, params: Mapping[str, Any], threshold: float | None) -> ExpertSignal:
+        if "backdoor_expert" not in bundle.sessions:
+            raise ValueError("the expert signal needs the bundle's backdoor_expert (python -m training expert)")
+        return cls(threshold)
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        return x  # the same images, through the expert
+
+    def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
+        score = log_prob(pred.logits, original.labels)
+        evidence = {"label": pred.labels, "agreement": np.exp(score), "score": score}
+        return SignalResult(score=score, triggered=above(score, self.threshold), evidence=evidence)
+
+    @classmethod
+    def threshold_bounds(cls, classes: int) -> tuple[float, float] | None:
+        return (-np.inf, 0.0)  # a log-probability
