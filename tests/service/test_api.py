@@ -60,11 +60,11 @@ def test_response_shape(client: TestClient, samples: dict) -> None:
                       "repaired", "label_source"}  # fmt: skip
     manifest = json.loads((MODELS / "manifest.json").read_text())
     assert list(r["signals"]) == list(manifest["signals"])  # every signal the bundle lists, in its order
-    assert {"detrigger", "masked_ae", "strip", "activation", "squeeze", "repaired"} == set(r["signals"])
+    assert {"detrigger", "strip", "activation", "repaired", "expert"} == set(r["signals"])
     assert r["backdoor"] and r["label_source"] == manifest["thresholds"]["label_source"]["source"]
     assert r["label"] != r["original"]["label"]  # a flagged image never keeps the label the model gave it
     assert {"label", "class_name", "confidence"} <= set(r["repaired"])
-    assert {"score", "threshold", "triggered", "bits_label", "median_label"} <= set(r["signals"]["squeeze"])
+    assert {"score", "threshold", "triggered", "label", "agreement"} <= set(r["signals"]["expert"])
     assert {"entropy", "threshold", "triggered", "n"} <= set(r["signals"]["strip"])
     assert {"label", "class_name", "triggered"} <= set(r["signals"]["detrigger"])
     assert {"score", "threshold", "triggered"} <= set(r["signals"]["activation"])
@@ -169,7 +169,7 @@ def test_model_metadata(client: TestClient) -> None:
     assert meta["inputs"][0]["name"] == "images"
     assert meta["neural_cleanse"]["flagged_labels"] == [0]
     assert len(meta["neural_cleanse"]["anomaly_index"]) == 10
-    assert {"detrigger", "masked_ae", "strip", "activation", "fused"} <= set(meta["thresholds"])
+    assert {"detrigger", "strip", "activation", "repaired", "expert", "fused"} <= set(meta["thresholds"])
     assert client.get("/v2/models/other").status_code == 404
 
 

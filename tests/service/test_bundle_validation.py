@@ -88,8 +88,8 @@ BAD_EDITS = [
     ("thresholds.fused.threshold", INF, "thresholds.fused.threshold"),
     ("thresholds.fused.threshold", 1.5, "thresholds.fused.threshold"),
     ("thresholds.fused.threshold", -0.1, "thresholds.fused.threshold"),
-    ("thresholds.masked_ae.threshold", NAN, "thresholds.masked_ae.threshold"),
-    ("thresholds.masked_ae.threshold", 1.01, "thresholds.masked_ae.threshold"),
+    ("thresholds.expert.threshold", NAN, "thresholds.expert.threshold"),
+    ("thresholds.expert.threshold", 0.5, "thresholds.expert.threshold"),  # a log-probability: <= 0
     ("thresholds.strip.threshold", -INF, "thresholds.strip.threshold"),
     ("thresholds.strip.threshold", 3.33, "thresholds.strip.threshold"),  # above log2(10): every image flagged
     ("thresholds.activation.threshold", NAN, "thresholds.activation.threshold"),
@@ -102,7 +102,8 @@ BAD_EDITS = [
     ("thresholds.fused.quantiles.detrigger", FUSED["quantiles"]["detrigger"][:-1], "thresholds.fused.quantiles"),
     ("thresholds.fused.quantiles.strip.3", NAN, "thresholds.fused.quantiles.strip[3]"),
     ("thresholds.fused.quantiles", {k: FUSED["quantiles"][k] for k in ("detrigger", "strip")}, "fused.quantiles"),
-    ("thresholds.fused.tail_scale.masked_ae", -0.2, "thresholds.fused.tail_scale.masked_ae"),
+    ("thresholds.fused.tail_scale.expert", -0.2, "thresholds.fused.tail_scale.expert"),
+    ("thresholds.fused.rule", "mean", "thresholds.fused.rule"),
     ("thresholds.fused.tail_scale.activation", 0, "thresholds.fused.tail_scale.activation"),
     ("class_names", SHIPPED["class_names"][:9], "class_names"),
     ("class_names.9", "Bag", "class_names"),  # two classes with one name
@@ -123,7 +124,6 @@ BAD_EDITS = [
     ("files.classifier.outputs.0.shape", ["batch", 9], "files.classifier.outputs"),
     ("files.strip_bank.shape", [128, 1, 28, 28], "files.strip_bank.shape"),
     ("signals.telepathy", {}, "signals this service does not have: ['telepathy']"),
-    ("thresholds.squeeze.threshold", 2.5, "thresholds.squeeze.threshold"),  # an L1 gap of probabilities: <= 2
     ("thresholds.repaired.threshold", NAN, "thresholds.repaired.threshold"),
     ("thresholds.label_source.source", "oracle", "thresholds.label_source.source"),
 ]
@@ -279,14 +279,14 @@ def test_a_fused_score_that_is_not_a_number_fails_the_batch() -> None:
         guard([0.5, 3.0, 1.0], fusion(tail_scale=NAN)).run(X)  # only image 1 reaches the tail
 
 
-def masked_ae_nan_on_white(settings: Settings) -> Bundle:
-    """The real bundle, but the masked AE restores an all-white image to NaN: a signal it cannot compute."""
+def detrigger_nan_on_white(settings: Settings) -> Bundle:
+    """The real bundle, but the de-trigger AE restores an all-white image to NaN: a signal it cannot compute."""
     bundle = load_bundle(settings)
     image_model = bundle.image_model
 
     def broken(name: str) -> Callable[[np.ndarray], np.ndarray]:
         model = image_model(name)
-        if name != "masked_ae":
+        if name != "detrigger_ae":
             return model
 
         def restore(images: np.ndarray) -> np.ndarray:
@@ -302,7 +302,7 @@ def masked_ae_nan_on_white(settings: Settings) -> Bundle:
 
 def test_the_app_answers_500_not_a_clean_verdict_when_a_signal_fails() -> None:
     settings = Settings(models_dir=MODELS)
-    with TestClient(create_app(settings, loader=masked_ae_nan_on_white)) as client:
+    with TestClient(create_app(settings, loader=detrigger_nan_on_white)) as client:
         wait_ready(client)  # the warm-up batch (bank images) has no white image
         white, clean = np.full((28, 28), 255, np.uint8), (SHIPPED_BANK[0, 0] * 255).round().astype(np.uint8)
         response = client.post("/classify", files=files(png(white)))

@@ -174,3 +174,42 @@ def test_a_batch_run_in_chunks_equals_the_batch_run_whole() -> None:
     for name in names:
         np.testing.assert_allclose(chunked.signals[name].score, whole.signals[name].score, rtol=1e-6, atol=1e-6)
         assert chunked.signals[name].evidence.keys() == whole.signals[name].evidence.keys()
+
+
+def test_fisher_fusion_multiplies_the_clean_tail_probabilities() -> None:
+    """fisher: 1 - exp(-sum of -log(1 - p)) = 1 - prod(1 - p); one signal alone gives its own percentile."""
+    from service.guard import SignalResult
+
+    levels = np.array([0.0, 0.25, 0.5])
+    quantiles = {"a": np.array([0.0, 1.0, 2.0]), "b": np.array([10.0, 20.0, 30.0])}
+    tails = {"a": 1.0, "b": 10.0}
+    fisher, biggest = (Fusion(levels, quantiles, tails, threshold=0.9, rule=rule) for rule in ("fisher", "max"))
+    results = {
+        "a": SignalResult(np.array([0.5, 1.5, 3.0, -1.0]), np.zeros(4, bool)),
+        "b": SignalResult(np.array([15.0, 10.0, 40.0, 25.0]), np.zeros(4, bool)),
+    }
+    p = {k: fisher.percentile(k, r.score) for k, r in results.items()}
+    np.testing.assert_allclose(p["b"], [0.125, 0.0, 1 - 0.5 * np.exp(-1), 0.375])
+    np.testing.assert_allclose(fisher.score(results), 1 - (1 - p["a"]) * (1 - p["b"]))
+    np.testing.assert_allclose(biggest.score(results), np.maximum(p["a"], p["b"]))
+    alone = Fusion(levels, {"a": quantiles["a"]}, {"a": 1.0}, threshold=0.9, rule="fisher")
+    np.testing.assert_allclose(alone.score(results), p["a"])
+
+
+def test_fisher_fusion_flags_two_signals_that_agree_where_max_does_not() -> None:
+    """Each signal at its clean 90th percentile: max says 0.9, below a 0.95 threshold; together 0.99."""
+    from service.guard import SignalResult
+
+    levels, table = np.array([0.0, 0.9]), np.array([0.0, 1.0])
+    results = {k: SignalResult(np.array([1.0]), np.zeros(1, bool)) for k in ("a", "b")}
+    kw = {"levels": levels, "quantiles": {"a": table, "b": table}, "tail_scale": {"a": 1.0, "b": 1.0}}
+    assert Fusion(**kw, threshold=0.95, rule="max").score(results)[0] == pytest.approx(0.9)
+    assert Fusion(**kw, threshold=0.95, rule="fisher").score(results)[0] == pytest.approx(0.99)
+
+
+def test_fusion_rule_from_the_manifest_defaults_to_max_for_older_bundles() -> None:
+    fused = {"levels": [0.0, 0.9], "quantiles": {"a": [0.0, 1.0]}, "tail_scale": {"a": 1.0}, "threshold": 0.95}
+    assert Fusion.from_manifest(fused).rule == "max"
+    assert Fusion.from_manifest({**fused, "rule": "fisher"}).rule == "fisher"
+    with pytest.raises(ValueError, match="fusion rule"):
+        Fusion.from_manifest({**fused, "rule": "mean"})

@@ -17,7 +17,7 @@ def linear(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_every_signal_registers_by_name_and_legacy_bundles_keep_their_four() -> None:
-    assert {"detrigger", "masked_ae", "strip", "activation", "squeeze", "repaired"} <= REGISTRY.keys()
+    assert {"detrigger", "masked_ae", "strip", "activation", "squeeze", "repaired", "expert"} <= REGISTRY.keys()
     assert all(issubclass(cls, Signal) and cls.name == name for name, cls in REGISTRY.items())
     assert LEGACY == ("detrigger", "masked_ae", "strip", "activation")
 
@@ -109,3 +109,43 @@ def test_chunked_results_keep_the_repaired_prediction() -> None:
     assert joined.repaired is not None and whole.repaired is not None
     np.testing.assert_allclose(joined.repaired.logits, whole.repaired.logits)
     np.testing.assert_array_equal(joined.take(slice(2, 5)).labels, whole.labels[2:5])
+
+
+def test_expert_log_probability_stays_ordered_where_float32_probabilities_round_to_one() -> None:
+    from service.signals.expert import log_prob
+
+    logits = np.array([[30.0, 0.0], [40.0, 0.0], [1.0, 2.0]], np.float32)
+    lp = log_prob(logits, np.array([0, 0, 1]))
+    z = logits.astype(np.float64)
+    np.testing.assert_allclose(lp[2], z[2, 1] - np.log(np.exp(z[2]).sum()))
+    assert Prediction(logits, logits).probs[0, 0] == Prediction(logits, logits).probs[1, 0] == 1.0
+    assert lp[0] < lp[1] < 0.0 and np.isfinite(lp).all()
+
+
+def test_expert_runs_once_per_batch_and_scores_its_agreement_with_the_model() -> None:
+    """The expert sees the same images in one call; the score is its log-probability of the model's label."""
+    from service.guard import Fusion
+    from service.signals.expert import ExpertSignal, log_prob
+
+    calls: list[int] = []
+    x = RNG.random((4, 1, 28, 28)).astype(np.float32)
+    own = Prediction(*linear(x)).labels
+    agree = np.where(np.arange(4)[:, None] < 2, 20.0, -20.0) * np.eye(10, dtype=np.float32)[own]
+
+    def expert(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(images))
+        return agree[: len(images)], np.zeros((len(images), 16), np.float32)
+
+    signals = [DetriggerSignal(lambda im: im), ExpertSignal(threshold=-0.1)]
+    fusion = Fusion(np.array([0.0, 0.9]), {"detrigger": np.array([2.0, 3.0]), "expert": np.array([-5.0, -1.0])},
+                    {"detrigger": 1.0, "expert": 0.1}, 0.95, rule="fisher")  # fmt: skip
+    result = GuardPipeline(linear, signals, fusion, models={"backdoor_expert": expert}).run(x)
+    assert calls == [4]
+    r = result.signals["expert"]
+    np.testing.assert_allclose(r.score, log_prob(agree, own))
+    np.testing.assert_array_equal(r.triggered, [True, True, False, False])  # the expert still gives their label
+    np.testing.assert_array_equal(result.backdoor, [True, True, False, False])
+    np.testing.assert_allclose(r.evidence["agreement"], np.exp(r.score))
+    assert ExpertSignal.threshold_bounds(10) == (-np.inf, 0.0)
+    with pytest.raises(ValueError, match="backdoor_expert"):
+        GuardPipeline(linear, signals, fusion)  # its model must be given

@@ -42,7 +42,8 @@ def test_manifest_describes_every_file(smoke: tuple[Path, Path]) -> None:
     nc = manifest["neural_cleanse"]
     assert len(nc["anomaly_index"]) == 10 and isinstance(nc["flagged_labels"], list)
     th = manifest["thresholds"]
-    assert {"detrigger", "masked_ae", "strip", "activation", "fused"} <= set(th)
+    assert {"detrigger", "strip", "activation", "repaired", "expert", "fused"} <= set(th)
+    assert th["fused"]["rule"] == "fisher"
     assert th["target_fpr"] == 0.01 and th["strip"]["n"] == 8
     assert manifest["metrics"]["control"]["flagged_labels"] is not None
     assert (out / "report.md").read_text().startswith("# Guard bundle")
@@ -52,7 +53,9 @@ def test_onnx_matches_pytorch(smoke: tuple[Path, Path], fashion_mnist) -> None:
     out, _ = smoke
     images = to_model_input(fashion_mnist.test.images[:64])
     gaps = parity_gaps(out, images)
-    assert set(gaps) == {"classifier", "repaired_classifier", "detrigger_ae", "masked_ae", "reversed_triggers"}
+    assert set(gaps) == {
+        "classifier", "repaired_classifier", "backdoor_expert", "detrigger_ae", "masked_ae", "reversed_triggers"
+    }  # fmt: skip
     assert max(gaps.values()) <= 1e-4, gaps
 
 
