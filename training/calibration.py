@@ -38,9 +38,8 @@ class CalibrationConfig:
     bank_size: int = 256  # clean images shipped for STRIP (the first strip_n are the overlays)
     repair_share: float = 0.3  # share of the calibration split the repair stage fine-tunes on (with the bank)
     seed: int = 0  # which calibration images go to the bank, the repair share and each half
-    # How the fused verdict combines the signals (service.guard.RULES). fisher: on the suite it caught WaNet 50%
-    # vs 25% and the low-contrast patch 82% vs 72% for max, every other attack within 1.3 points, with the default
-    # SIGNALS (make evaluate; the one-off comparison of rules and signal sets is in reports/evaluation.md).
+    # How the fused verdict combines the signals (service.guard.RULES). make evaluate measures every rule on every
+    # suite attack (reports/attack_suite.json: fusion_rules; the table in reports/evaluation.md).
     fusion: Literal["max", "fisher"] = "fisher"
 
 

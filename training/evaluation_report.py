@@ -172,6 +172,23 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
             )
             + (f"; signals worth more than 0.5 point here: {', '.join(needed)}." if needed else ".")
         )
+    rules = list(next(iter(attacks.values())).get("fusion_rules", {}))
+    if rules:
+        lines += [
+            "",
+            "### How the signals are combined: each fusion rule over the same signals (TPR / FPR)",
+            "",
+            "The bundle's rule is `thresholds.fused.rule`; each row re-fits the threshold exactly as calibration "
+            "does (service.guard.Fusion: max takes the largest clean rank, fisher sums the surprises -log(1 - p)).",
+            "",
+            "| attack | " + " | ".join(rules) + " |",
+            "|---|" + "---|" * len(rules),
+        ]
+        for name, a in attacks.items():
+            cells = " | ".join(
+                f"{pct(a['fusion_rules'][r]['tpr'])} / {pct(a['fusion_rules'][r]['fpr'])}" for r in rules
+            )
+            lines.append(f"| {name} | {cells} |")
     lines += [
         "",
         "### Where a flagged image's label comes from",

@@ -27,6 +27,7 @@ from service.bundle import Bundle, build_pipeline, sha256_file
 from service.decode import decode
 from service.preprocess import Preprocessing, to_model_input
 from training.attacks import PRESETS, attack_labels, triggered_pixels, victims
+from training.calibration import collect
 from training.classifier import ClassifierConfig
 from training.common import to_jsonable
 from training.data import DataConfig
@@ -158,28 +159,35 @@ def as_sent(pixels: np.ndarray, variant: str, contract: Preprocessing) -> np.nda
 
 
 # ---- measuring one entry ---------------------------------------------------------------------------------
-def ablation(bundle: Bundle, o: Outcome, half_b: np.ndarray) -> dict[str, dict[str, float]]:
-    """What each signal adds: the fused verdict without it, its threshold re-fitted exactly as calibration fits the
-    full one (the (1 - target FPR) quantile of half B's fused scores, over the same percentile tables)."""
+def _refit(bundle: Bundle, o: Outcome, half_b: dict[str, np.ndarray], **change: Any) -> dict[str, float]:
+    """The bundle's fusion with `change` (fewer signals, another rule), its threshold re-fitted exactly as
+    calibration fits it (the (1 - target FPR) quantile of half B's clean fused scores): TPR and FPR."""
     from service.guard import Fusion
-    from training.calibration import collect
 
-    fusion = Fusion.from_manifest(bundle.manifest["thresholds"]["fused"])
-    fpr = float(bundle.manifest["thresholds"]["target_fpr"])
-    raw = collect(build_pipeline(bundle, calibrated=False), half_b)
+    fusion = replace(Fusion.from_manifest(bundle.manifest["thresholds"]["fused"]), **change)
+    threshold = float(np.quantile(fusion.combine(half_b), 1 - float(bundle.manifest["thresholds"]["target_fpr"])))
+    return {
+        "tpr": rate(fusion.combine({n: o.triggered[f"{n}.score"] for n in o.signals}) > threshold),
+        "fpr": rate(fusion.combine({n: o.clean[f"{n}.score"] for n in o.signals}) > threshold),
+    }
 
-    cal = {n: raw[n].score for n in o.signals}
-    clean = {n: o.clean[f"{n}.score"] for n in o.signals}
-    dirty = {n: o.triggered[f"{n}.score"] for n in o.signals}
-    rows = {}
-    for drop in (None, *o.signals):
-        part = replace(fusion, quantiles={n: q for n, q in fusion.quantiles.items() if n != drop})
-        threshold = float(np.quantile(part.combine(cal), 1 - fpr))
-        rows["all" if drop is None else f"without {drop}"] = {
-            "tpr": rate(part.combine(dirty) > threshold),
-            "fpr": rate(part.combine(clean) > threshold),
-        }
-    return rows
+
+def ablation(bundle: Bundle, o: Outcome, half_b: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """What each signal adds: the fused verdict without it (half_b: clean scores of calibration half B)."""
+    tables = bundle.manifest["thresholds"]["fused"]["quantiles"]
+    return {
+        "all" if drop is None else f"without {drop}": _refit(
+            bundle, o, half_b, quantiles={n: np.asarray(q, np.float64) for n, q in tables.items() if n != drop}
+        )
+        for drop in (None, *o.signals)
+    }
+
+
+def fusion_rules(bundle: Bundle, o: Outcome, half_b: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """The fused verdict under each rule of service.guard.RULES, over the same signals and tables."""
+    from service.guard import RULES
+
+    return {rule: _refit(bundle, o, half_b, rule=rule) for rule in RULES}
 
 
 def measure(
@@ -197,6 +205,8 @@ def measure(
     )
     m = metrics_of(o)
     fused, clf = m["fused"], m["classifier"]
+    raw = collect(build_pipeline(bundle, calibrated=False), half_b)  # clean calibration half B, unfused
+    cal_b = {n: raw[n].score for n in o.signals}
     out: dict[str, Any] = {
         "description": entry.description,
         "arch": entry.arch,
@@ -221,7 +231,8 @@ def measure(
             if source in m
         },
         "as_sent": {},
-        "ablation": ablation(bundle, o, half_b),
+        "ablation": ablation(bundle, o, cal_b),
+        "fusion_rules": fusion_rules(bundle, o, cal_b),
     }
     sent_idx = victims(labels[:n_sent], attack)
     contract = bundle.preprocessing
