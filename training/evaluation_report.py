@@ -185,10 +185,8 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
             "|---|" + "---|" * len(rules),
         ]
         for name, a in attacks.items():
-            cells = " | ".join(
-                f"{pct(a['fusion_rules'][r]['tpr'])} / {pct(a['fusion_rules'][r]['fpr'])}" for r in rules
-            )
-            lines.append(f"| {name} | {cells} |")
+            row = " | ".join(f"{pct(a['fusion_rules'][r]['tpr'])} / {pct(a['fusion_rules'][r]['fpr'])}" for r in rules)
+            lines.append(f"| {name} | {row} |")
     lines += [
         "",
         "### Where a flagged image's label comes from",
