@@ -30,9 +30,9 @@ from service.signals.strip import Blend, StripSignal, strip_entropy, superimpose
 
 __all__ = [
     "RULES", "SOURCES", "ActivationSignal", "Blend", "Classify", "DetriggerSignal", "Fusion", "GuardPipeline",
-    "GuardResult", "MaskedAESignal", "NonFiniteScore", "Prediction", "RepairedSignal", "Signal", "SignalResult",
-    "SqueezeSignal", "StripSignal", "entropy_bits", "fail_closed", "label_source", "softmax", "strip_entropy",
-    "superimpose", "trusted_labels",
+    "GuardResult", "MaskedAESignal", "NonFiniteScore", "PlainPipeline", "Prediction", "RepairedSignal", "Signal",
+    "SignalResult", "SqueezeSignal", "StripSignal", "entropy_bits", "fail_closed", "label_source", "softmax",
+    "strip_entropy", "superimpose", "trusted_labels",
 ]  # fmt: skip
 
 Classify = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # images -> (logits, features)
@@ -304,3 +304,26 @@ class GuardPipeline:
     def run_in_chunks(self, x: np.ndarray, chunk: int) -> GuardResult:
         """`run` over at most `chunk` images at a time, as one result: bounds the memory a large batch holds."""
         return GuardResult.concat(self.run_chunked(x, chunk))
+
+
+class PlainPipeline(GuardPipeline):
+    """The guard switched off (GUARD_SIGNALS=none): one classifier call per batch and the model's own label.
+
+    For users who want plain inference through the same stack (batching, limits, auth, metrics), and the
+    benchmark's denominator. It gives no verdict: the service answers `backdoor: null`, never "clean". Logits
+    that are not finite still fail the batch."""
+
+    def __init__(self, classify: Classify, on_stage: Callable[[str, float], None] = lambda stage, s: None) -> None:
+        self.classify, self.signals, self.fusion, self.on_stage = classify, [], None, on_stage
+        self.models, self.source, self.infected = {"classifier": classify}, "original", []
+
+    def run(self, x: np.ndarray) -> GuardResult:
+        start = time.perf_counter()
+        original = Prediction(*self.classify(x))
+        self.on_stage("classifier", time.perf_counter() - start)
+        fail_closed({"classifier": original.logits.sum(axis=1)})
+        n = len(x)
+        return GuardResult(
+            original, original, x, {}, np.full(n, math.nan), np.zeros(n, bool), original.labels,
+            original.confidence, None, "original",
+        )  # fmt: skip

@@ -43,7 +43,9 @@ class Metrics:
         self.batch_size = Histogram(
             "guard_batch_size_images", "Images per guarded batch", buckets=BATCH_BUCKETS, registry=r
         )
-        self.images = Counter("guard_images", "Images judged, by verdict", ["verdict"], registry=r)
+        self.images = Counter(
+            "guard_images", "Images judged, by verdict (unguarded: GUARD_SIGNALS=none)", ["verdict"], registry=r
+        )
         self.triggers = Counter(
             "guard_signal_triggers", "Images each signal flagged on its own", ["signal"], registry=r
         )
@@ -64,6 +66,8 @@ class Metrics:
             self.images.labels(verdict=verdict)
         for name in signals:
             self.triggers.labels(signal=name)
+        if not signals:
+            self.images.labels(verdict="unguarded")
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.images)
@@ -72,6 +76,9 @@ class Metrics:
             self.queued.observe(q)
 
     def observe_result(self, result: GuardResult) -> None:
+        if not result.signals:  # the guard off (GUARD_SIGNALS=none): no verdict to count
+            self.images.labels(verdict="unguarded").inc(len(result.labels))
+            return
         n_backdoor = int(result.backdoor.sum())
         self.images.labels(verdict="backdoor").inc(n_backdoor)
         self.images.labels(verdict="clean").inc(len(result.backdoor) - n_backdoor)

@@ -14,7 +14,7 @@ from service.admission import Decoder
 from service.batcher import MicroBatcher
 from service.bundle import Bundle, build_pipeline, check_digest
 from service.errors import NotReady
-from service.guard import GuardPipeline, GuardResult
+from service.guard import GuardPipeline, GuardResult, PlainPipeline
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -32,14 +32,24 @@ class Runtime:
     ready: bool = False
     warmup_error: str | None = None
 
+    @property
+    def guarded(self) -> bool:
+        """False when the guard is off (GUARD_SIGNALS=none)."""
+        return not isinstance(self.pipeline, PlainPipeline)
+
     @classmethod
     def build(cls, settings: Settings, bundle: Bundle) -> Runtime:
         check_digest(bundle.digest, settings.bundle_sha256)  # here too, whatever loaded the bundle
-        pipeline = build_pipeline(bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels)
-        if settings.fused_threshold is not None and pipeline.fusion is not None:
-            pipeline.fusion = replace(pipeline.fusion, threshold=settings.fused_threshold)
-        if pipeline.fusion is None:
-            raise ValueError(f"{bundle.root} is not calibrated: run `python -m training calibrate`")
+        pipeline: GuardPipeline
+        if settings.signals == "none":
+            pipeline = PlainPipeline(bundle.classify)
+            log.warning("GUARD_SIGNALS=none: the guard is off; answers carry the model's label and no verdict")
+        else:
+            pipeline = build_pipeline(bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels)
+            if settings.fused_threshold is not None and pipeline.fusion is not None:
+                pipeline.fusion = replace(pipeline.fusion, threshold=settings.fused_threshold)
+            if pipeline.fusion is None:
+                raise ValueError(f"{bundle.root} is not calibrated: run `python -m training calibrate`")
         metrics = Metrics([s.name for s in pipeline.signals])
         pipeline.on_stage = lambda stage, seconds: metrics.stage.labels(stage=stage).inc(seconds)
         batcher = MicroBatcher(
@@ -83,8 +93,10 @@ class Runtime:
 
 
 def check_warm_up(result: GuardResult) -> None:
-    """Raise if the warm-up batch's scores are not all finite (a broken model or bank)."""
-    if not np.isfinite(result.score).all():
+    """Raise if the warm-up batch's logits or (with the guard on) fused scores are not all finite."""
+    if not np.isfinite(result.original.logits).all():
+        raise ValueError("warm-up produced non-finite logits")
+    if result.signals and not np.isfinite(result.score).all():
         raise ValueError("warm-up produced non-finite scores")
 
 

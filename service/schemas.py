@@ -31,14 +31,18 @@ class ImageResult(BaseModel):
     )
     class_name: str
     confidence: float
-    backdoor: bool = Field(description="the fused verdict: does this image carry a backdoor trigger?")
-    score: float = Field(
+    backdoor: bool | None = Field(
+        description="the fused verdict: does this image carry a backdoor trigger? null only with the guard off"
+    )
+    score: float | None = Field(
         description="fused score in [0, 1]: how far into the clean calibration tail the signals put the image together "
         "(1 - exp(-sum of each signal's -log(1 - clean percentile)); older bundles: the highest percentile)"
     )
-    threshold: float = Field(description="backdoor is true when score exceeds this")
+    threshold: float | None = Field(description="backdoor is true when score exceeds this (null: guard off)")
     original: Prediction = Field(description="the classifier on the image as sent")
-    restored: RestoredPrediction = Field(description="the classifier on the de-triggered image")
+    restored: RestoredPrediction | None = Field(
+        description="the classifier on the de-triggered image (null: guard off)"
+    )
     repaired: Prediction | None = Field(
         None, description="the repaired classifier on the image as sent (bundles built with the repair stage)"
     )
@@ -58,6 +62,7 @@ class ImageResult(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model: ModelRef
+    guard: str = Field("on", description="on; off when the service runs with GUARD_SIGNALS=none (no verdicts)")
     results: list[ImageResult]
 
 

@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
+    signals: str = Field(
+        "all",
+        pattern="^(all|none)$",
+        description="all: the bundle's signals and the fused verdict; none: the guard off, plain inference through "
+        "the same stack (the model's label, `backdoor: null`: no verdict, never a silent clean)",
+    )
     strip_n: int | None = Field(
         None, ge=1, description="STRIP overlays per image; default: the N the bundle was calibrated at"
     )

@@ -82,6 +82,8 @@ def _admit(request: Request, runtime: Runtime, x_api_key: str | None) -> UploadL
 
 def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with_images: bool) -> list[dict[str, Any]]:
     classes = runtime.bundle.class_names
+    if not runtime.guarded:
+        return [_render_plain(classes, result, i, name) for i, name in enumerate(names)]
     fusion = runtime.pipeline.fusion
     assert fusion is not None
     labels, confidence = result.labels, result.confidence
@@ -132,6 +134,16 @@ def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with
     return out
 
 
+def _render_plain(classes: list[str], result: GuardResult, i: int, name: str | None) -> dict[str, Any]:
+    """One image with the guard off: the model's label, and no verdict (null, never false)."""
+    label = int(result.original.labels[i])
+    original = {"label": label, "class_name": classes[label], "confidence": float(result.original.confidence[i])}
+    return {
+        "index": i, "filename": name, **original, "backdoor": None, "score": None, "threshold": None,
+        "original": original, "restored": None, "repaired": None, "label_source": "original", "signals": {},
+    }  # fmt: skip
+
+
 @router.post(
     "/classify",
     response_model=ClassifyResponse,  # documents the body; the route builds it directly (see below)
@@ -176,7 +188,8 @@ async def classify(
     else:
         results = _render(runtime, result, names, with_images)
     model = {"name": manifest["name"], "sha256": manifest["files"]["classifier"]["sha256"]}
+    guard = "on" if runtime.guarded else "off"
     # Built from typed values above; re-validating through pydantic would cost more than the guard's maths.
-    body = orjson.dumps({"model": model, "results": results})
+    body = orjson.dumps({"model": model, "guard": guard, "results": results})
     runtime.metrics.encode.observe(time.perf_counter() - start)
     return Response(body, media_type="application/json")

@@ -41,6 +41,8 @@ async def ready(runtime: RuntimeDep) -> Any:
 def _served_thresholds(runtime: RuntimeDep) -> dict[str, Any]:
     """Thresholds as the service applies them (with overrides), without the fusion tables."""
     out: dict[str, Any] = {"target_fpr": runtime.bundle.manifest["thresholds"]["target_fpr"]}
+    if not runtime.guarded:
+        return {**out, "guard": "off"}
     for signal in runtime.pipeline.signals:
         out[signal.name] = {"threshold": signal.threshold} if signal.threshold is not None else {"rule": "label_change"}
     strip = next(s for s in runtime.pipeline.signals if s.name == "strip")

@@ -100,18 +100,29 @@ function render(r, originalSrc, raw) {
   verdict.dataset.backdoor = String(r.backdoor);
   const flagged = Object.entries(r.signals).filter(([, s]) => s.triggered).map(([name]) => name);
   verdict.innerHTML = "";
-  verdict.append(r.backdoor ? "Backdoor trigger detected" : "No backdoor trigger found");
   const small = document.createElement("small");
-  small.textContent = `fused score ${fmt(r.score)} ${r.backdoor ? ">" : "≤"} threshold ${fmt(r.threshold)}` +
-    (flagged.length ? ` · flagged by ${flagged.join(", ")}` : " · no signal fired");
+  if (r.backdoor === null) {  // GUARD_SIGNALS=none: never shown as clean
+    verdict.append("Guard off: no verdict");
+    small.textContent = "the service runs with GUARD_SIGNALS=none: the model's own label, not judged";
+  } else {
+    verdict.append(r.backdoor ? "Backdoor trigger detected" : "No backdoor trigger found");
+    small.textContent = `fused score ${fmt(r.score)} ${r.backdoor ? ">" : "≤"} threshold ${fmt(r.threshold)}` +
+      (flagged.length ? ` · flagged by ${flagged.join(", ")}` : " · no signal fired");
+  }
   verdict.append(small);
 
   $("label").textContent = r.class_name;
-  $("confidence").textContent = `(${pct(r.confidence)}; ${r.backdoor ? "the restored image's label" : "the label as sent"})`;
+  const source = { restored: "the restored image's label", repaired: "the repaired model's label", both: "restored and repaired together" };
+  $("confidence").textContent = `(${pct(r.confidence)}; ${r.backdoor ? source[r.label_source] ?? r.label_source : "the label as sent"})`;
   $("original-image").src = originalSrc;
   $("original-label").textContent = `${r.original.class_name} (${pct(r.original.confidence)})`;
-  $("restored-image").src = `data:image/png;base64,${r.restored.image}`;
-  $("restored-label").textContent = `${r.restored.class_name} (${pct(r.restored.confidence)})`;
+  if (r.restored) {
+    $("restored-image").src = `data:image/png;base64,${r.restored.image}`;
+    $("restored-label").textContent = `${r.restored.class_name} (${pct(r.restored.confidence)})`;
+  } else {
+    $("restored-image").removeAttribute("src");
+    $("restored-label").textContent = "not computed (guard off)";
+  }
 
   const rows = Object.entries(r.signals).map(([name, s]) => {
     const tr = document.createElement("tr");
@@ -131,7 +142,7 @@ function render(r, originalSrc, raw) {
   });
   $("signals").replaceChildren(...rows);
   const shown = structuredClone(raw);
-  shown.results.forEach((x) => { if (x.restored.image) x.restored.image = `${x.restored.image.slice(0, 24)}…`; });
+  shown.results.forEach((x) => { if (x.restored?.image) x.restored.image = `${x.restored.image.slice(0, 24)}…`; });
   $("raw").textContent = JSON.stringify(shown, null, 2);
   $("result").hidden = false;
 }

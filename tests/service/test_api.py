@@ -47,7 +47,8 @@ def test_label_policy(client: TestClient, samples: dict) -> None:
             source["confidence"],
         )
         assert r["backdoor"] == (r["score"] > r["threshold"])
-        assert r["score"] == pytest.approx(max(s["percentile"] for s in r["signals"].values()))
+        p = np.array([s["percentile"] for s in r["signals"].values()])  # Fisher: 1 - prod(1 - p)
+        assert r["score"] == pytest.approx(1 - np.prod(1 - p), abs=1e-9)
 
 
 def test_response_shape(client: TestClient, samples: dict) -> None:
