@@ -25,8 +25,8 @@ def test_the_guard_off_gives_the_models_label_and_no_verdict(plain: TestClient, 
     blobs = [png(p) for p in samples["clean"][:4]] + [png(p) for p in samples["triggered"][:4]]
     body = plain.post("/classify", files=files(*blobs)).json()
     assert body["guard"] == "off"
-    logits, _ = Bundle.load(MODELS).classify(np.stack([p[None] / np.float32(255) for p in
-                                                        [*samples["clean"][:4], *samples["triggered"][:4]]]))  # fmt: skip
+    pixels = np.concatenate([samples["clean"][:4], samples["triggered"][:4]])
+    logits, _ = Bundle.load(MODELS).classify(pixels[:, None] / np.float32(255))
     for r, own in zip(body["results"], logits.argmax(1), strict=True):
         assert r["label"] == r["original"]["label"] == own  # triggered ones keep the attacker's label: no guard
         assert r["backdoor"] is None and r["score"] is None and r["threshold"] is None
