@@ -1,5 +1,7 @@
 """GUARD_SIGNALS=none: plain inference through the same stack, with no verdict (null, never a silent clean)."""
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.data
 
 
 @pytest.fixture(scope="module")
-def plain() -> TestClient:
+def plain() -> Iterator[TestClient]:
     with TestClient(create_app(Settings(models_dir=MODELS, signals="none"))) as c:
         wait_ready(c)
         yield c
