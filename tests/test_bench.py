@@ -1,0 +1,57 @@
+"""The benchmark's arithmetic (bench/run.py): passes per image, the headline keys and the report, without timing."""
+
+import importlib.util
+import sys
+
+import pytest
+
+from service.bundle import Bundle
+from tests.conftest import MODELS
+
+spec = importlib.util.spec_from_file_location("bench_run", MODELS.parent / "bench" / "run.py")
+assert spec is not None and spec.loader is not None
+bench = importlib.util.module_from_spec(spec)
+sys.modules["bench_run"] = bench
+spec.loader.exec_module(bench)
+
+
+def test_passes_per_image_counts_what_each_signal_hands_its_model() -> None:
+    bundle = Bundle.load(MODELS)
+    passes = bench.passes_per_image(bundle)
+    n = bundle.manifest["signals"]["strip"]["n"]
+    expected = {"image": 1.0, "detrigger": 1.0, "strip": float(n), "activation": 0.0, "repaired": 1.0, "expert": 1.0}
+    assert {k: v for k, v in passes.items() if k != "total"} == expected
+    assert passes["total"] == sum(expected.values())
+
+
+def run(c: int, rps: float, p50: float) -> dict[str, float]:
+    return {"concurrency": c, "requests": 100, "errors": 0, "throughput_rps": rps, "p50_ms": p50, "p95_ms": p50,
+            "p99_ms": p50, "mean_batch_images": 1.0}  # fmt: skip
+
+
+def test_headline_keys_and_the_bar_table() -> None:
+    r = {
+        "command": "python bench/run.py", "machine": "test", "strip_n": 32, "signals": ["detrigger", "strip"],
+        "passes": {"image": 1.0, "detrigger": 1.0, "strip": 32.0, "total": 34.0},
+        "service": [run(1, 100, 9.0), run(8, 200, 30), run(32, 300, 90)],
+        "service_unguarded": [run(1, 400, 3.0), run(8, 800, 9), run(32, 500, 60)],
+        "stages": {"decode": 0.1, "mean_batch_size": 4.0},
+        "roofline": {"classifier_images_per_s": 17000.0, "passes_per_image": 34.0, "guarded_images_per_s": 500.0},
+        "art": {"images_per_s": 100.0}, "naive": {"images_per_s": 50.0},
+    }  # fmt: skip
+    h = bench.headline(r)
+    assert h["guarded_images_per_s"] == 300 and h["unguarded_images_per_s"] == 500
+    assert h["guarded_share_of_unguarded"] == pytest.approx(0.6) and h["roofline_efficiency"] == pytest.approx(0.6)
+    assert h["over_art_strip"] == pytest.approx(3.0) and h["p50_c1_ratio"] == pytest.approx(3.0)
+    assert {"passes_per_image", "roofline_images_per_s", "art_strip_images_per_s", "p50_ms_c1_guarded",
+            "p50_ms_c1_unguarded"} <= set(h)  # fmt: skip
+    r.update(h)
+    suite = {"command": "make evaluate", "attacks": {"kwon": {
+        "signals": {"detrigger": {"auroc": 0.99}, "strip": {"auroc": 0.9}}, "fused": {"tpr": 0.999},
+        "ablation": {"all": {"tpr": 0.999}, "without detrigger": {"tpr": 0.989}, "without strip": {"tpr": 0.999}},
+    }}}  # fmt: skip
+    text = bench.render({**r, "suite": suite})
+    assert "| guarded >= 50% of unguarded images/s at concurrency 32 | 300.0 / 500.0 = 60% | yes |" in text
+    assert "| >= 0.8 of the roofline (34 classifier passes per image) | 0.60 | **no** |" in text
+    assert "| >= 5x ART's STRIP (N = 32) | 3.0x | **no** |" in text
+    assert "| detrigger | 1 | 0.990 / +1.0 |" in text and "| strip | 32 | 0.900 / +0.0 |" in text
