@@ -10,7 +10,7 @@ export GUARD_HOST GUARD_PORT
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT = $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: serve test data data-mnist system-deps bundle smoke evaluate bench soak lint clean docker-lock screenshots
+.PHONY: serve test data data-mnist system-deps bundle smoke evaluate cost bench soak lint clean docker-lock screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ data-mnist:
 # trained (python -m training.suite, cached in build/eval; ~85 min to train here on a busy machine, cold not timed quietly).
 evaluate: $(VENV)/.dev-installed data data-mnist
 	$(BIN)/python -m training.evaluate
+
+# reports/cost.md: fused detection of each candidate signal set and STRIP N on every suite attack (after evaluate).
+cost: $(VENV)/.dev-installed data
+	$(BIN)/python -m training.cost
 
 # reports/benchmark.md: the service under `hey`, the roofline and the peers, in one run.
 bench: $(VENV)/.dev-installed data

@@ -1,0 +1,28 @@
+"""Detection per cost (training/cost.py): candidate sets, their cost, and fusion as calibration does it."""
+
+import numpy as np
+
+from training.cost import candidates, fused_rates
+
+
+def test_candidates_cost_what_their_signals_hand_the_classifier() -> None:
+    signals = ["detrigger", "strip", "activation", "expert"]
+    passes = {"detrigger": 1, "strip": 32, "activation": 0, "expert": 1}
+    c = candidates(signals, passes)
+    assert c["N=32"] == (32, signals, 1 + 1 + 32 + 0 + 1)
+    assert c["N=8 without expert"] == (8, ["detrigger", "strip", "activation"], 1 + 1 + 8)
+    assert c["without strip"][1:] == (["detrigger", "activation", "expert"], 3)
+    assert not any("without detrigger" in k for k in c)  # the label policy needs its restoration
+
+
+def test_fused_rates_threshold_on_half_b_at_the_target_fpr() -> None:
+    rng = np.random.default_rng(0)
+    clean = lambda n: {"a": rng.normal(size=n), "b": rng.normal(size=n)}  # noqa: E731
+    sets = {
+        "a": clean(4000), "b": clean(4000), "clean": clean(4000),
+        "triggered": {"a": rng.normal(4.0, 1.0, 1000), "b": rng.normal(size=1000)},  # a alone separates
+    }  # fmt: skip
+    one = fused_rates(sets, ["a"], "fisher", 0.01)
+    assert 0.005 <= one["fpr"] <= 0.02 and one["tpr"] > 0.85  # N(4, 1) above N(0, 1)'s 99th percentile
+    both = fused_rates(sets, ["a", "b"], "fisher", 0.01)
+    assert 0.005 <= both["fpr"] <= 0.02 and both["tpr"] < one["tpr"]  # a noise signal only dilutes

@@ -1,0 +1,167 @@
+"""Detection per cost: which signals and which STRIP N a bundle runs by default (`make cost`).
+
+For every suite bundle (training.suite; built and calibrated by `make evaluate`), the guard's raw signal
+scores are computed once per STRIP N on the calibration halves and on test images (clean, and triggered
+with the entry's attack). Each candidate configuration (a STRIP N, a set of signals) is then fused exactly
+as calibration fuses the bundle (service.guard.Fusion with the bundle's rule: tables from half A, threshold
+at the (1 - target FPR) quantile of half B), and its fused TPR and FPR are measured on the test images.
+A configuration qualifies when no attack loses more than `slack` of fused TPR or gains more than `slack`
+of FPR against the full one; the cheapest that qualifies (classifier passes per image) is the choice.
+No threshold is set per attack and the attacker's trigger only measures.
+
+    python -m training.cost [--images 2000] [--slack 0.005]
+
+writes reports/cost.json and reports/cost.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.bundle import Bundle, build_pipeline
+from service.guard import Fusion
+from service.preprocess import to_model_input
+from training.attacks import PRESETS, triggered_pixels, victims
+from training.calibration import FUSION_LEVELS, CalibrationConfig, collect, split_calibration, tail_scale_of
+from training.data import DataConfig, load_dataset
+from training.metrics import rate
+from training.suite import SUITE, suite_bundle
+
+log = logging.getLogger(__name__)
+STRIP_NS = (32, 16, 8, 4)
+Scores = dict[str, np.ndarray]  # signal -> raw scores
+
+
+def raw_scores(bundle: Bundle, images: np.ndarray, strip_n: int) -> Scores:
+    """Every signal's raw score, STRIP at N overlays; the fused verdict is left to the caller."""
+    return {k: v.score for k, v in collect(build_pipeline(bundle, strip_n=strip_n, calibrated=False), images).items()}
+
+
+def fused_rates(sets: dict[str, Scores], signals: list[str], rule: str, fpr: float) -> dict[str, float]:
+    """Fuse `signals` as calibration does (tables from half A, threshold from half B); TPR and FPR on the test."""
+    quantiles = {k: np.quantile(sets["a"][k], FUSION_LEVELS) for k in signals}
+    tails = {k: tail_scale_of(sets["a"][k], quantiles[k][-1]) for k in signals}
+    fusion = Fusion(FUSION_LEVELS, quantiles, tails, threshold=1.0, rule=rule)
+    threshold = float(np.quantile(fusion.combine(sets["b"]), 1 - fpr))
+    return {
+        "tpr": rate(fusion.combine(sets["triggered"]) > threshold),
+        "fpr": rate(fusion.combine(sets["clean"]) > threshold),
+    }
+
+
+def candidates(signals: list[str], passes: dict[str, int]) -> dict[str, tuple[int, list[str], int]]:
+    """name -> (STRIP N, signals, classifier passes per image): every N, each with the full set and without each
+    one signal (detrigger stays: the label policy needs its restoration), and the set without STRIP."""
+    out = {}
+    for n in STRIP_NS:
+        for drop in (None, *(s for s in signals if s not in ("detrigger", "strip"))):
+            keep = [s for s in signals if s != drop]
+            cost = 1 + sum(passes[s] for s in keep if s != "strip") + (n if "strip" in keep else 0)
+            out[f"N={n}" + (f" without {drop}" if drop else "")] = (n, keep, cost)
+    keep = [s for s in signals if s != "strip"]
+    out["without strip"] = (STRIP_NS[-1], keep, 1 + sum(passes[s] for s in keep))
+    return out
+
+
+def run(shipped: Path, n_images: int, slack: float) -> dict[str, Any]:
+    ds = load_dataset(DataConfig())
+    x_cal = to_model_input(ds.calibration.images)
+    _, half_a, half_b = split_calibration(len(x_cal), CalibrationConfig())
+    pixels, labels = ds.test.images[:n_images], ds.test.labels[:n_images]
+    clean = to_model_input(pixels)
+    attacks: dict[str, dict[str, dict[str, float]]] = {}
+    configs: dict[str, tuple[int, list[str], int]] = {}
+    for name, entry in SUITE.items():
+        if name == "clean":
+            continue
+        bundle = Bundle.load(suite_bundle(name, shipped))
+        attack = PRESETS[entry.preset]
+        triggered = to_model_input(triggered_pixels(pixels[victims(labels, attack)], attack))
+        signals = bundle.signal_names
+        one = bundle.strip_bank[:1]
+        passes = {s.name: len(s.prepare(one)) for s in build_pipeline(bundle, calibrated=False).signals}
+        configs = configs or candidates(signals, passes)
+        rule = bundle.manifest["thresholds"]["fused"].get("rule", "max")
+        fpr = float(bundle.manifest["thresholds"]["target_fpr"])
+        by_n = {}
+        for n in sorted({c[0] for c in configs.values()}):
+            start = time.perf_counter()
+            by_n[n] = {
+                "a": raw_scores(bundle, x_cal[half_a], n), "b": raw_scores(bundle, x_cal[half_b], n),
+                "clean": raw_scores(bundle, clean, n), "triggered": raw_scores(bundle, triggered, n),
+            }  # fmt: skip
+            log.info("%s: scores at N = %d in %.0f s", name, n, time.perf_counter() - start)
+        attacks[name] = {config: fused_rates(by_n[n], keep, rule, fpr) for config, (n, keep, _) in configs.items()}
+    full = next(iter(configs))
+    rows = {}
+    for config, (n, keep, cost) in configs.items():
+        worst_tpr = min(attacks[a][config]["tpr"] - attacks[a][full]["tpr"] for a in attacks)
+        worst_fpr = max(attacks[a][config]["fpr"] - attacks[a][full]["fpr"] for a in attacks)
+        rows[config] = {
+            "strip_n": n if "strip" in keep else 0, "signals": keep, "passes_per_image": cost,
+            "worst_tpr_change": worst_tpr, "worst_fpr_change": worst_fpr,
+            "qualifies": worst_tpr >= -slack and worst_fpr <= slack,
+        }  # fmt: skip
+    chosen = min((c for c in rows if rows[c]["qualifies"]), key=lambda c: (rows[c]["passes_per_image"], c))
+    return {"full": full, "chosen": chosen, "slack": slack, "images": n_images, "configs": rows, "attacks": attacks}
+
+
+def render(r: dict[str, Any]) -> str:
+    names = list(r["attacks"])
+    lines = [
+        "# Detection per cost",
+        "",
+        f"Made by `{r['command']}` ({r['seconds']:.0f} s). Fused TPR / FPR per suite attack for each candidate "
+        f"configuration, each fused and thresholded exactly as calibration does (first {r['images']} test images; "
+        "the suite's bundles as `make evaluate` built them). A configuration qualifies when no attack loses more "
+        f"than {100 * r['slack']:.1f} point of TPR or gains more than {100 * r['slack']:.1f} point of FPR against "
+        f"`{r['full']}`.",
+        "",
+        "| configuration | passes per image | "
+        + " | ".join(names)
+        + " | worst TPR change | worst FPR change | qualifies |",
+        "|---|---|" + "---|" * len(names) + "---|---|---|",
+    ]
+    for config, row in r["configs"].items():
+        cells = " | ".join(
+            f"{100 * r['attacks'][a][config]['tpr']:.2f} / {100 * r['attacks'][a][config]['fpr']:.2f}" for a in names
+        )
+        lines.append(
+            f"| {config} | {row['passes_per_image']} | {cells} | {100 * row['worst_tpr_change']:+.2f} | "
+            f"{100 * row['worst_fpr_change']:+.2f} | {'yes' if row['qualifies'] else 'no'} |"
+        )
+    c = r["configs"][r["chosen"]]
+    lines += ["", f"Cheapest that qualifies: **{r['chosen']}**, {c['passes_per_image']} classifier passes per image "
+              f"(the full set: {r['configs'][r['full']]['passes_per_image']}).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m training.cost", description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2000, help="test images per attack (clean, then triggered)")
+    p.add_argument("--slack", type=float, default=0.005, help="largest TPR loss / FPR gain a cheaper set may have")
+    p.add_argument("--models", type=Path, default=Path("models"), help="the shipped bundle (the kwon entry)")
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    start = time.perf_counter()
+    report = run(args.models, args.images, args.slack)
+    report["command"] = " ".join(["python -m training.cost", *(sys.argv[1:] if argv is None else argv)])
+    report["seconds"] = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cost.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "cost.md").write_text(render(report))
+    sys.stdout.write(render(report))
+
+
+if __name__ == "__main__":
+    main()
