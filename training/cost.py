@@ -70,7 +70,7 @@ def candidates(signals: list[str], passes: dict[str, int]) -> dict[str, tuple[in
     return out
 
 
-def run(shipped: Path, n_images: int, slack: float) -> dict[str, Any]:
+def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = None) -> dict[str, Any]:
     ds = load_dataset(DataConfig())
     x_cal = to_model_input(ds.calibration.images)
     _, half_a, half_b = split_calibration(len(x_cal), CalibrationConfig())
@@ -78,6 +78,7 @@ def run(shipped: Path, n_images: int, slack: float) -> dict[str, Any]:
     clean = to_model_input(pixels)
     attacks: dict[str, dict[str, dict[str, float]]] = {}
     configs: dict[str, tuple[int, list[str], int]] = {}
+    kept: dict[str, np.ndarray] = {}
     for name, entry in SUITE.items():
         if name == "clean":
             continue
@@ -98,7 +99,10 @@ def run(shipped: Path, n_images: int, slack: float) -> dict[str, Any]:
                 "clean": raw_scores(bundle, clean, n), "triggered": raw_scores(bundle, triggered, n),
             }  # fmt: skip
             log.info("%s: scores at N = %d in %.0f s", name, n, time.perf_counter() - start)
+            kept.update({f"{name}/{n}/{part}/{k}": v for part, d in by_n[n].items() for k, v in d.items()})
         attacks[name] = {config: fused_rates(by_n[n], keep, rule, fpr) for config, (n, keep, _) in configs.items()}
+    if scores_path is not None:  # every raw score, for looking further without recomputing (np.load)
+        np.savez_compressed(scores_path, **kept)  # type: ignore[arg-type]
     full = next(iter(configs))
     rows = {}
     for config, (n, keep, cost) in configs.items():
@@ -151,10 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slack", type=float, default=0.005, help="largest TPR loss / FPR gain a cheaper set may have")
     p.add_argument("--models", type=Path, default=Path("models"), help="the shipped bundle (the kwon entry)")
     p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--keep-scores", type=Path, default=None, help="also save every raw score here (.npz)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
-    report = run(args.models, args.images, args.slack)
+    report = run(args.models, args.images, args.slack, args.keep_scores)
     report["command"] = " ".join(["python -m training.cost", *(sys.argv[1:] if argv is None else argv)])
     report["seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
