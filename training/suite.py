@@ -116,7 +116,8 @@ def _current(builder: Builder, shipped: Path) -> bool:
     same_aes = all(m["files"][k]["sha256"] == s["files"][k]["sha256"] for k in ("detrigger_ae", "masked_ae"))
     same_signals = list(m.get("signals", {})) == bundle_signals(m["files"])
     same_config = "thresholds" in m and all(
-        m["configs"].get(part) == to_jsonable(getattr(config, part)) for part in ("classifier", "repair", "expert")
+        m["configs"].get(part) == to_jsonable(getattr(config, part))
+        for part in ("classifier", "repair", "expert", "calibration")
     )
     same_models = all((name in m["files"]) == builder.derived_path(name).is_file() for name in DERIVED_MODELS)
     return same_models and same_aes and same_signals and same_config and m["preprocessing"] == Preprocessing().to_dict()
