@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="one seed for every stage")
     p.add_argument("--target-fpr", type=float, default=0.01, help="clean false-positive rate of every threshold")
-    p.add_argument("--strip-n", type=int, default=None, help="STRIP overlays per input (default 32)")
+    p.add_argument("--strip-n", type=int, default=None, help="STRIP overlays per input (default 16: reports/cost.md)")
     p.add_argument("--skip-control", action="store_true", help="with `all`: skip the clean control model")
     p.add_argument("--smoke", action="store_true", help="every stage on a tiny subset, in under a minute")
     return p.parse_args(argv)
