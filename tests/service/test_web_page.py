@@ -151,3 +151,20 @@ def test_a_guard_with_an_api_key_asks_for_it_once(tmp_path: Path) -> None:
         driver.find_elements("css selector", "#samples-clean button")[0].click()  # the key is remembered
         wait(driver).until(lambda d: d.find_element("id", "label").text == "T-shirt/top")
         assert not driver.find_element("id", "error").is_displayed()
+
+
+def test_with_the_guard_off_the_page_says_no_verdict_never_clean(tmp_path_factory: pytest.TempPathFactory) -> None:
+    sample = next(s for s in SAMPLES if s["kind"] == "triggered")
+    with live_service({"GUARD_SIGNALS": "none"}) as plain, chromium(tmp_path_factory.mktemp("off")) as driver:
+        driver.get(plain.url + "/")
+        wait(driver).until(lambda d: d.find_element("id", "status").get_attribute("data-state") == "ready")
+        driver.find_element("id", "file").send_keys(str(STATIC_DIR / "samples" / sample["file"]))
+        wait(driver).until(lambda d: d.find_element("id", "result").is_displayed())
+        verdict = driver.find_element("id", "verdict")
+        assert verdict.get_attribute("data-backdoor") == "null"
+        assert "Guard off: no verdict" in verdict.text and "No backdoor" not in verdict.text
+        assert driver.find_element("id", "restored-label").text == "not computed (guard off)"
+        assert driver.find_element("id", "label").text == "T-shirt/top", "the model's own (the attacker's) label"
+        assert driver.find_elements("css selector", "#signals tr") == []
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == [], errors
