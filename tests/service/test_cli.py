@@ -1,6 +1,7 @@
 """backdoor-guard verify | healthcheck | demo, as the Docker image and the compose demo run them."""
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -26,7 +27,9 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_verify_passes_on_the_shipped_bundle() -> None:
     result = cli("verify")
     assert result.returncode == 0, result.stderr
-    assert "fashion-mnist-kwon" in result.stdout and "6 files verified" in result.stdout
+    files = len(json.loads((MODELS / "manifest.json").read_text())["files"])
+    assert files == 7  # classifier, repaired_classifier, backdoor_expert, two autoencoders, reversed_triggers, bank
+    assert "fashion-mnist-kwon" in result.stdout and f"{files} files verified" in result.stdout
 
 
 def test_verify_fails_on_a_tampered_bundle_and_names_the_file(tmp_path: Path) -> None:
