@@ -44,6 +44,13 @@ class CalibrationConfig:
     # How the fused verdict combines the signals (service.guard.RULES). make evaluate measures every rule on every
     # suite attack (reports/attack_suite.json: fusion_rules; the table in reports/evaluation.md).
     fusion: Literal["max", "fisher"] = "fisher"
+    # Where a flagged image's label comes from (service.guard.SOURCES) when the bundle has a repaired model: "both"
+    # (the restored and repaired predictions averaged), or "best": whichever gives Neural Cleanse's stand-in
+    # triggered images their true label most often. Measured on the suite (make evaluate: label_sources), "both"
+    # is never more than 0.3 point of true label behind the better single source and never gives the attacker's
+    # label more often than either; "best" picked the repaired model for all-to-all on its stand-ins, where that
+    # model still obeys the trigger (attacker's label 4.1% through the guard against 0.25% with both).
+    label_source: Literal["both", "best"] = "both"
 
 
 def _order(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -156,9 +163,12 @@ def calibrate(
                 for name in runs[0].signals
             },
         }
-    # The label source for flagged images: the one that gives the stand-in triggered images their true label most
-    # often (ties go to the first of SOURCES). A defender's measurement: the attacker's trigger is not used.
+    # The label source for flagged images: "both" (config.label_source), or the one that gives the stand-in triggered
+    # images their true label most often (ties go to the first of SOURCES); the stand-in accuracies are recorded
+    # either way. A defender's measurement: the attacker's trigger is not used.
     accuracy = {source: float(np.concatenate(hits).mean()) for source, hits in sources.items()}
     best = max(accuracy, key=lambda s: (accuracy[s], -SOURCES.index(s))) if accuracy else "restored"
-    thresholds["label_source"] = {"source": best, "stand_in_accuracy": accuracy}
+    if config.label_source == "both" and "both" in accuracy:
+        best = "both"
+    thresholds["label_source"] = {"source": best, "rule": config.label_source, "stand_in_accuracy": accuracy}
     return thresholds, {"neural_cleanse_reversed_triggers": stand_in}
