@@ -38,14 +38,27 @@ def test_verdicts_on_clean_and_triggered_images(client: TestClient, samples: dic
 
 
 def test_label_policy(client: TestClient, samples: dict) -> None:
-    blobs = [png(p) for p in samples["clean"][:8]] + [png(p) for p in samples["triggered"][:8]]
-    for r in client.post("/classify", files=files(*blobs)).json()["results"]:
-        source = r["restored"] if r["backdoor"] else r["original"]
-        assert (r["label"], r["class_name"], r["confidence"]) == (
-            source["label"],
-            source["class_name"],
-            source["confidence"],
-        )
+    """Over HTTP, exactly what the guard pipeline gives in process: a clean verdict keeps the model's label; a
+    flagged image gets its label source's best label other than the model's and any Neural Cleanse flagged."""
+    from service.bundle import build_pipeline
+    from service.preprocess import to_model_input
+
+    pixels = np.concatenate([samples["clean"][:8], samples["triggered"][:8]])
+    results = client.post("/classify", files=files(*map(png, pixels))).json()["results"]
+    bundle = Bundle.load(MODELS)
+    expected = build_pipeline(bundle).run(to_model_input(pixels))
+    infected = bundle.manifest["neural_cleanse"]["flagged_labels"]
+    assert sum(r["backdoor"] for r in results[8:]) >= 7
+    for i, r in enumerate(results):
+        assert (r["label"], r["backdoor"]) == (int(expected.labels[i]), bool(expected.backdoor[i]))
+        assert r["confidence"] == pytest.approx(float(expected.confidence[i]), rel=1e-5)
+        if r["backdoor"]:
+            assert r["label"] != r["original"]["label"] and r["label"] not in infected
+            assert r["label_source"] == bundle.manifest["thresholds"]["label_source"]["source"]
+        else:
+            assert (r["label"], r["confidence"], r["label_source"]) == (
+                r["original"]["label"], r["original"]["confidence"], "original"
+            )  # fmt: skip
         assert r["backdoor"] == (r["score"] > r["threshold"])
         p = np.array([s["percentile"] for s in r["signals"].values()])  # Fisher: 1 - prod(1 - p)
         assert r["score"] == pytest.approx(1 - np.prod(1 - p), abs=1e-9)
