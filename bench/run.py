@@ -35,10 +35,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from service.bundle import Bundle, build_pipeline
+from service.bundle import Bundle
 from service.preprocess import to_model_input
 from training.attacks import PRESETS, triggered_pixels
 from training.classifier import load_classifier
+from training.cost import signal_passes
 from training.data import DataConfig, load_dataset
 from training.export import torch_models
 from training.http_check import encode_png
@@ -158,9 +159,7 @@ def stage_breakdown(delta: dict[str, float]) -> dict[str, float]:
 def passes_per_image(bundle: Bundle) -> dict[str, float]:
     """Passes through a classifier-sized model per guarded image, per signal and in all (the image itself is one):
     what each signal's `prepare` hands its model for one image. The autoencoders are extra, not counted."""
-    pipeline = build_pipeline(bundle)
-    one = bundle.strip_bank[:1]
-    out = {"image": 1.0, **{s.name: float(len(s.prepare(one))) for s in pipeline.signals}}
+    out = {"image": 1.0, **{name: float(n) for name, n in signal_passes(bundle).items()}}
     out["total"] = sum(out.values())
     return out
 

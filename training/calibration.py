@@ -96,6 +96,14 @@ def tail_scale_of(scores: np.ndarray, start: float) -> float:
     return max(float(excess.mean()) if len(excess) else 0.0, 1e-6 * spread)
 
 
+def fit_fusion(half_a: dict[str, np.ndarray], rule: str) -> Fusion:
+    """The fusion's tables from clean scores (signal -> scores of calibration half A); its threshold is left at
+    1.0 for the caller to fit on half B."""
+    quantiles = {k: np.quantile(v, FUSION_LEVELS) for k, v in half_a.items()}
+    tail_scale = {k: tail_scale_of(v, quantiles[k][-1]) for k, v in half_a.items()}
+    return Fusion(FUSION_LEVELS, quantiles, tail_scale, threshold=1.0, rule=rule)
+
+
 def fit_thresholds(
     half_a: dict[str, SignalResult], half_b: dict[str, SignalResult], config: CalibrationConfig
 ) -> dict[str, Any]:
@@ -109,9 +117,7 @@ def fit_thresholds(
     own = {name: REGISTRY[name].fit(results, fpr) for name, results in both.items()}
     if "strip" in own:
         own["strip"].update(n=config.strip_n, blend=config.strip_blend)
-    quantiles = {k: np.quantile(half_a[k].score, FUSION_LEVELS) for k in half_a}
-    tail_scale = {k: tail_scale_of(half_a[k].score, quantiles[k][-1]) for k in half_a}
-    fusion = Fusion(FUSION_LEVELS, quantiles, tail_scale, threshold=1.0, rule=config.fusion)
+    fusion = fit_fusion({k: r.score for k, r in half_a.items()}, config.fusion)
     fused_b = fusion.score(half_b)
     fused_threshold = float(np.quantile(fused_b, 1 - fpr))
     if fused_threshold >= 1 - 1e-12:  # float64 rounds fused scores past this to 1.0: nothing could exceed it
@@ -127,8 +133,8 @@ def fit_thresholds(
             "calibration_fpr": float(np.mean(fused_b > fused_threshold)),
             "rule": config.fusion,
             "levels": FUSION_LEVELS.round(6).tolist(),
-            "quantiles": {k: v.tolist() for k, v in quantiles.items()},
-            "tail_scale": tail_scale,
+            "quantiles": {k: np.asarray(v).tolist() for k, v in fusion.quantiles.items()},
+            "tail_scale": dict(fusion.tail_scale),
         },
     }
 

@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 
 from service.bundle import Bundle, build_pipeline
-from service.guard import Fusion
 from service.preprocess import to_model_input
 from training.attacks import PRESETS, triggered_pixels, victims
-from training.calibration import FUSION_LEVELS, CalibrationConfig, collect, split_calibration, tail_scale_of
+from training.calibration import CalibrationConfig, collect, fit_fusion, split_calibration
 from training.data import DataConfig, load_dataset
 from training.metrics import rate
 from training.suite import SUITE, suite_bundle
@@ -46,14 +45,19 @@ def raw_scores(bundle: Bundle, images: np.ndarray, strip_n: int) -> Scores:
 
 def fused_rates(sets: dict[str, Scores], signals: list[str], rule: str, fpr: float) -> dict[str, float]:
     """Fuse `signals` as calibration does (tables from half A, threshold from half B); TPR and FPR on the test."""
-    quantiles = {k: np.quantile(sets["a"][k], FUSION_LEVELS) for k in signals}
-    tails = {k: tail_scale_of(sets["a"][k], quantiles[k][-1]) for k in signals}
-    fusion = Fusion(FUSION_LEVELS, quantiles, tails, threshold=1.0, rule=rule)
+    fusion = fit_fusion({k: sets["a"][k] for k in signals}, rule)
     threshold = float(np.quantile(fusion.combine(sets["b"]), 1 - fpr))
     return {
         "tpr": rate(fusion.combine(sets["triggered"]) > threshold),
         "fpr": rate(fusion.combine(sets["clean"]) > threshold),
     }
+
+
+def signal_passes(bundle: Bundle) -> dict[str, int]:
+    """Passes through a classifier-sized model each of the bundle's signals needs per image: what its `prepare`
+    hands its model for one image (the autoencoders are extra, not counted)."""
+    one = bundle.strip_bank[:1]
+    return {s.name: len(s.prepare(one)) for s in build_pipeline(bundle, calibrated=False).signals}
 
 
 def candidates(signals: list[str], passes: dict[str, int]) -> dict[str, tuple[int, list[str], int]]:
@@ -86,9 +90,7 @@ def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = N
         attack = PRESETS[entry.preset]
         triggered = to_model_input(triggered_pixels(pixels[victims(labels, attack)], attack))
         signals = bundle.signal_names
-        one = bundle.strip_bank[:1]
-        passes = {s.name: len(s.prepare(one)) for s in build_pipeline(bundle, calibrated=False).signals}
-        configs = configs or candidates(signals, passes)
+        configs = configs or candidates(signals, signal_passes(bundle))
         rule = bundle.manifest["thresholds"]["fused"].get("rule", "max")
         fpr = float(bundle.manifest["thresholds"]["target_fpr"])
         by_n = {}

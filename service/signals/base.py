@@ -121,6 +121,25 @@ class Signal(ABC):
         return out
 
 
+class SecondOpinion(Signal):
+    """A signal that classifies the same images through another model of the bundle (`model`, made by the
+    training stage `stage`) and scores how that model's prediction relates to the original one."""
+
+    stage: ClassVar[str]
+
+    def __init__(self, threshold: float | None) -> None:
+        self.threshold = threshold
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, params: Mapping[str, Any], threshold: float | None) -> Signal:
+        if cls.model not in bundle.sessions:
+            raise ValueError(f"the {cls.name} signal needs the bundle's {cls.model} (python -m training {cls.stage})")
+        return cls(threshold)
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        return x  # the same images, through the other model
+
+
 def above(score: np.ndarray, threshold: float | None) -> np.ndarray:
     return score > threshold if threshold is not None else np.zeros(score.shape, bool)
 

@@ -9,15 +9,9 @@ calibrated on clean images. One more pass per image, through its own ONNX model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
 import numpy as np
 
-from service.signals.base import Prediction, Signal, SignalResult, above
-
-if TYPE_CHECKING:
-    from service.bundle import Bundle
+from service.signals.base import Prediction, SecondOpinion, SignalResult, above
 
 
 def log_prob(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -36,21 +30,10 @@ def log_prob(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return -(top + total)
 
 
-class ExpertSignal(Signal):
+class ExpertSignal(SecondOpinion):
     name = "expert"
     model = "backdoor_expert"
-
-    def __init__(self, threshold: float | None) -> None:
-        self.threshold = threshold
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle, params: Mapping[str, Any], threshold: float | None) -> ExpertSignal:
-        if "backdoor_expert" not in bundle.sessions:
-            raise ValueError("the expert signal needs the bundle's backdoor_expert (python -m training expert)")
-        return cls(threshold)
-
-    def prepare(self, x: np.ndarray) -> np.ndarray:
-        return x  # the same images, through the expert
+    stage = "expert"
 
     def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
         score = log_prob(pred.logits, original.labels)

@@ -7,32 +7,15 @@ two models agree. The repaired model's label is also the guard's label source fo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
 import numpy as np
 
-from service.signals.base import Prediction, Signal, SignalResult, drop_result
-
-if TYPE_CHECKING:
-    from service.bundle import Bundle
+from service.signals.base import Prediction, SecondOpinion, SignalResult, drop_result
 
 
-class RepairedSignal(Signal):
+class RepairedSignal(SecondOpinion):
     name = "repaired"
     model = "repaired_classifier"
-
-    def __init__(self, threshold: float | None) -> None:
-        self.threshold = threshold
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle, params: Mapping[str, Any], threshold: float | None) -> RepairedSignal:
-        if "repaired_classifier" not in bundle.sessions:
-            raise ValueError("the repaired signal needs the bundle's repaired_classifier (python -m training repair)")
-        return cls(threshold)
-
-    def prepare(self, x: np.ndarray) -> np.ndarray:
-        return x  # the same images, through the repaired model
+    stage = "repair"
 
     def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
         return drop_result(original, pred, self.threshold, labels=pred.labels)
