@@ -7,8 +7,9 @@ mislabelled clean batch does not exercise. The expert then agrees with the model
 disagrees on clean ones. The `expert` signal (service/signals/expert.py) scores how strongly the expert
 still gives the model's label.
 
-It needs no trigger shape and no BatchNorm: it caught the warping, blended and clean-label attacks of the
-suite that the restoration signals miss (reports/attack_suite.json, `make evaluate`). Fine-tuning stops
+It needs no trigger shape and no BatchNorm; on the suite it is the one signal that separates WaNet's warp
+(AUROC 0.95, 74.5% at its own 1% threshold) and catches SIG at 95.2% alone (reports/attack_suite.json,
+`make evaluate`). Fine-tuning stops
 once the expert's held-out clean accuracy falls to `stop_accuracy`, or after `max_epochs`.
 """
 
