@@ -88,7 +88,7 @@ class Bundle:
     root: Path
     manifest: dict[str, Any]
     sessions: dict[str, Any]  # name -> onnxruntime.InferenceSession
-    strip_bank: np.ndarray  # float32 (M, 1, H, W) clean calibration images
+    strip_bank: np.ndarray  # float32 (M, C, H, W) clean calibration images
     digest: str  # the root digest: SHA-256 (hex) of manifest.json's bytes, which list every file's SHA-256
 
     @classmethod
@@ -158,7 +158,7 @@ class Bundle:
         return lambda images: session.run(["restored"], {"images": images})[0]
 
     def stamp_reversed(self, images: np.ndarray, label: int) -> np.ndarray:
-        """Stamp Neural Cleanse's reversed trigger for `label` onto float32 (N, 1, H, W) images."""
+        """Stamp Neural Cleanse's reversed trigger for `label` onto float32 (N, C, H, W) images."""
         feed = {"images": images, "label": np.array([label], np.int64)}
         return self.sessions["reversed_triggers"].run(["stamped"], feed)[0]
 

@@ -144,8 +144,11 @@ def _upright(image: Image.Image) -> Image.Transpose | None:
 
 
 def png_base64(image: np.ndarray) -> str:
-    """float32 (1, H, W) in [0, 1] -> base64 PNG (8-bit grayscale)."""
-    pixels = np.clip(np.rint(image[0] * 255), 0, 255).astype(np.uint8)
+    """float32 (C, H, W) in [0, 1] -> base64 PNG (8-bit grayscale for one channel, RGB for three)."""
+    pixels = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    if len(pixels) == 1:
+        Image.fromarray(pixels[0], mode="L").save(buffer, format="PNG")
+    else:
+        Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB").save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")

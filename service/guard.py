@@ -105,7 +105,7 @@ class Fusion:
 class GuardResult:
     original: Prediction
     restored: Prediction  # after the de-trigger AE
-    restored_images: np.ndarray  # (B, 1, H, W)
+    restored_images: np.ndarray  # (B, C, H, W)
     signals: dict[str, SignalResult]
     score: np.ndarray  # (B,) fused score, NaN without a calibrated fusion
     backdoor: np.ndarray  # (B,) bool

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.preprocess import Preprocessing
+from service.preprocess import COLOR_CHANNELS, Preprocessing
 
 MANIFEST = "manifest.json"
 
@@ -59,7 +59,7 @@ def _leaves(tree: Any, where: str = "") -> Iterator[tuple[str, Any]]:
 SCHEMA_VERSION = 1
 SIGNALS = ("detrigger", "masked_ae", "strip", "activation")  # what a bundle without a `signals` list runs
 # service.preprocess.image_to_pixels turns every upload into 8-bit gray: one channel is all it can feed.
-COLORS = ("L",)
+COLORS = tuple(COLOR_CHANNELS)  # Pillow modes: "L" (1 channel), "RGB" (3)
 BLENDS = ("sum", "mean")
 # The tensors the service feeds and fetches by name (Bundle.classify, image_model, stamp_reversed).
 TENSORS = {
@@ -70,6 +70,7 @@ TENSORS = {
     "masked_ae": (("images",), ("restored",)),
     "reversed_triggers": (("images", "label"), ("stamped",)),
 }
+NORMALISATION = ("mean", "std")  # preprocessing keys that bundles from before colour support lack (identity)
 IMAGE_TENSORS = ("images", "restored", "stamped")  # (batch, C, H, W), as the preprocessing contract makes them
 Shape = list[int | str | None]  # as ONNX Runtime reports it: a dynamic axis is a name ("batch") or None
 Check = Callable[[Any], str | None]  # a manifest value -> what is wrong with it, or None
@@ -133,12 +134,16 @@ def one_of(*allowed: Any) -> Check:
     return check
 
 
-def keys(*names: str) -> Check:
+def keys(*names: str, optional: tuple[str, ...] = ()) -> Check:
+    """A dict with exactly these keys, and any of `optional` (keys that bundles from before them lack)."""
     want = sorted(names)
 
     def check(v: Any) -> str | None:
-        got = sorted(v) if isinstance(v, dict) else v
-        return None if got == want else f"has keys {show(got)}, must have exactly {show(want)}"
+        got = sorted(k for k in v if k not in optional) if isinstance(v, dict) else v
+        if got == want:
+            return None
+        extra = f" (and optionally {show(sorted(optional))})" if optional else ""
+        return f"has keys {show(sorted(v) if isinstance(v, dict) else v)}, must have exactly {show(want)}{extra}"
 
     return check
 
@@ -156,6 +161,18 @@ def items(each: Check, *, nonempty: bool = False, distinct: bool = False) -> Che
         if distinct and (twice := [item for i, item in enumerate(seen) if item in seen[:i]]):
             return f"{twice[0]} appears more than once, must be listed once"
         return None
+
+    return check
+
+
+def per_channel(channels: int, each: Check) -> Check:
+    """One value for every channel, or one for all."""
+    as_list = items(each, nonempty=True)
+
+    def check(v: Any) -> str | None:
+        if problem := as_list(v):
+            return problem
+        return None if len(v) in (1, channels) else f"{len(v)} values, must be 1 or {channels} (one per channel)"
 
     return check
 
@@ -289,19 +306,27 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
             f"files.classifier: the ONNX model must take images [batch, C, H, W] and give logits and features "
             f"[batch, width]; it takes {clf.inputs} and gives {clf.outputs}"
         )
-    classes, width, (_, height, width_px) = logits[0], features[0], chw
+    classes, width, (channels, height, width_px) = logits[0], features[0], chw
     rules: list[tuple[str, Check]] = [
         ("schema_version", one_of(SCHEMA_VERSION)),
         ("name", text),
         ("class_names", items(text, nonempty=True, distinct=True)),
         ("class_names", count(classes, "the classifier's logits output")),
-        ("preprocessing", keys(*(f.name for f in fields(Preprocessing)))),
+        (
+            "preprocessing",
+            keys(*(f.name for f in fields(Preprocessing) if f.name not in NORMALISATION), optional=NORMALISATION),
+        ),
         ("preprocessing.height", matches(height, "the ONNX models' input height")),
         ("preprocessing.width", matches(width_px, "the ONNX models' input width")),
-        ("preprocessing.color", one_of(*COLORS)),
+        ("preprocessing.color", one_of(*(c for c, n in COLOR_CHANNELS.items() if n == channels))),
         ("preprocessing.resample", one_of(*(r.lower() for r in Image.Resampling.__members__))),
         ("preprocessing.scale", real(0, open_lo=True)),
         ("preprocessing.layout", one_of("NCHW")),
+        *(
+            (f"preprocessing.{name}", per_channel(channels, each))
+            for name, each in (("mean", real()), ("std", real(0, open_lo=True)))
+            if _at(manifest, f"preprocessing.{name}") is not _MISSING  # absent: identity
+        ),
         ("configs.strip.n", integer(1, len(bank))),
         ("configs.strip.blend", one_of(*BLENDS)),
         ("neural_cleanse.flagged_labels", items(integer(0, classes - 1), distinct=True)),

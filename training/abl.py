@@ -116,7 +116,7 @@ def train_abl(
     assert cfg.seed is not None and cfg.clean_epochs is not None  # resolved
     setup_torch(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = build_classifier(classifier_config.arch, num_classes, classifier_config.dropout)
+    model = build_classifier(classifier_config.arch, num_classes, classifier_config.dropout, images.shape[1:])
     batch_size, lr = classifier_config.batch_size, classifier_config.lr
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
 

@@ -13,10 +13,16 @@ The families of the evaluation suite (training/suite.py), one preset each: BadNe
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
+
+from service.preprocess import Preprocessing, to_model_input, to_pixels
 
 Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
 CORNERS: tuple[Corner, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -223,10 +229,10 @@ PRESETS: dict[str, AttackConfig] = {
 }
 
 
-def triggered_pixels(images: np.ndarray, attack: AttackConfig) -> np.ndarray:
-    """uint8 (N, H, W) -> the same with the attack's trigger, rounded back to 8 bits as a PNG holds it."""
-    stamped = attack.trigger.apply((images / np.float32(255))[:, None])[:, 0]
-    return np.rint(stamped * 255).astype(np.uint8)
+def triggered_pixels(images: np.ndarray, attack: AttackConfig, contract: Preprocessing = Preprocessing()) -> np.ndarray:
+    """uint8 pixels (N, H, W) or (N, H, W, 3) -> the same with the attack's trigger, rounded back to 8 bits as a
+    PNG holds it."""
+    return to_pixels(attack.trigger.apply(to_model_input(images, contract)), contract)
 
 
 def attack_labels(labels: np.ndarray, attack: AttackConfig, num_classes: int) -> np.ndarray:
@@ -273,16 +279,23 @@ def poison(
 
 
 def random_triggers(
-    rng: np.random.Generator, n: int, height: int = 28, width: int = 28, corner_share: float = 0.5
+    rng: np.random.Generator,
+    n: int,
+    height: int = 28,
+    width: int = 28,
+    corner_share: float = 0.5,
+    channels: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """n random patch triggers the defender can draw without knowing the real one: float32 (n, H, W) x 2.
+    """n random patch triggers the defender can draw without knowing the real one: float32 masks (n, H, W) and
+    patterns (n, C, H, W).
 
     Kwon's 4x4 white square at a random corner is one draw among many: sizes 1-6, solid / checkerboard /
     random-bit patterns, intensities 0.5-1, a random corner (with margin 0-2) or anywhere, and a fifth of
-    them blended (mask < 1) so that soft triggers are seen too.
+    them blended (mask < 1) so that soft triggers are seen too. In colour, half the patterns are gray and half
+    take a random colour (each channel scaled by its own uniform draw).
     """
     masks = np.zeros((n, height, width), np.float32)
-    patterns = np.zeros((n, height, width), np.float32)
+    patterns = np.zeros((n, channels, height, width), np.float32)
     shapes: tuple[Shape, ...] = ("square", "checkerboard", "random")
     for i in range(n):
         size = int(rng.integers(1, 7))
@@ -301,4 +314,63 @@ def random_triggers(
         mask, pattern = trigger.arrays(height, width)
         alpha = 1.0 if rng.random() < 0.8 else float(rng.uniform(0.5, 1.0))
         masks[i], patterns[i] = mask * alpha, pattern
+        if channels > 1 and rng.random() < 0.5:  # drawn only in colour: grayscale keeps its sequence of draws
+            patterns[i] *= rng.uniform(0.0, 1.0, (channels, 1, 1)).astype(np.float32)
     return masks, patterns
+
+
+@dataclass(frozen=True)
+class ProbeTrigger:
+    """A trigger the user knows (`--probe-trigger`), measured in their bundle's report; never used to calibrate.
+
+    Either a mask (H, W) and a pattern ((H, W) or (C, H, W)) in [0, 1], stamped as every patch trigger is, or a
+    Python callable taking and returning float32 (N, C, H, W) images in [0, 1]."""
+
+    name: str
+    mask: np.ndarray | None = None
+    pattern: np.ndarray | None = None
+    function: Callable[[np.ndarray], np.ndarray] | None = None
+    target: int | None = None  # the label it pushes to; None: the one the model gives the stamped images most
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        if self.function is not None:
+            out = np.asarray(self.function(images.copy()), dtype=np.float32)
+            if out.shape != images.shape:
+                raise ValueError(f"probe trigger {self.name} returned {out.shape} for images {images.shape}")
+            return np.clip(out, 0.0, 1.0)
+        assert self.mask is not None and self.pattern is not None
+        return stamp(images, self.mask, self.pattern).astype(np.float32)
+
+
+def load_probe(spec: str, contract: Preprocessing, target: int | None = None) -> ProbeTrigger:
+    """`FILE.npz` (arrays mask, pattern, optionally target) or `MODULE:FUNCTION` / `FILE.py:FUNCTION`."""
+    path = Path(spec)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            if "mask" not in f.files or "pattern" not in f.files:
+                raise ValueError(f"{path}: needs arrays mask (H, W) and pattern (H, W) or (C, H, W), has {f.files}")
+            mask, pattern = f["mask"].astype(np.float32), f["pattern"].astype(np.float32)
+            target = int(f["target"]) if target is None and "target" in f.files else target
+        if mask.shape != (contract.height, contract.width) or pattern.shape[-2:] != mask.shape:
+            raise ValueError(f"{path}: mask {mask.shape} and pattern {pattern.shape} must be {contract.height}x"
+                             f"{contract.width}, the model's input")  # fmt: skip
+        if pattern.ndim == 3 and len(pattern) not in (1, contract.channels):
+            raise ValueError(f"{path}: pattern has {len(pattern)} channels, the model takes {contract.channels}")
+        if min(mask.min(), pattern.min()) < 0 or max(mask.max(), pattern.max()) > 1:
+            raise ValueError(f"{path}: mask and pattern must lie in [0, 1]")
+        return ProbeTrigger(path.stem, mask=mask, pattern=pattern, target=target)
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise ValueError(f"--probe-trigger {spec!r}: expected FILE.npz, MODULE:FUNCTION or FILE.py:FUNCTION")
+    if where.endswith(".py"):
+        loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+        if loader is None or loader.loader is None:
+            raise ValueError(f"--probe-trigger {spec!r}: cannot load {where}")
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise ValueError(f"--probe-trigger {spec!r}: {where} has no callable {attr}")
+    return ProbeTrigger(attr, function=function, target=target)

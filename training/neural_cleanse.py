@@ -51,7 +51,7 @@ class NeuralCleanseConfig:
 @dataclass
 class NeuralCleanseResult:
     masks: np.ndarray  # float32 (L, H, W), best mask per label
-    patterns: np.ndarray  # float32 (L, H, W), its pattern
+    patterns: np.ndarray  # float32 (L, C, H, W), its pattern, one plane per image channel
     l1_norms: np.ndarray  # (L,) L1 norm of each best mask, pixels
     attack_success: np.ndarray  # (L,) share of calibration images the reversed trigger sends to the label
     anomaly_index: np.ndarray  # (L,)
@@ -82,7 +82,8 @@ class NeuralCleanseResult:
         meta = json.loads(path.with_suffix(".json").read_text())
         return cls(
             masks=arrays["masks"],
-            patterns=arrays["patterns"],
+            # scans saved before colour support hold grayscale (L, H, W) patterns
+            patterns=arrays["patterns"][:, None] if arrays["patterns"].ndim == 3 else arrays["patterns"],
             l1_norms=np.array(meta["l1_norms"]),
             attack_success=np.array(meta["attack_success"]),
             anomaly_index=np.array(meta["anomaly_index"]),
@@ -114,15 +115,16 @@ def _to_param(values: np.ndarray) -> torch.Tensor:
 def reverse_engineer(
     model: nn.Module, images: np.ndarray, num_classes: int, config: NeuralCleanseConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best (mask, pattern) per label and its L1 norm: float32 (L, H, W) x 2, (L,)."""
+    """Best (mask, pattern) per label and its L1 norm: float32 (L, H, W), (L, C, H, W), (L,). The mask is one
+    plane for all channels (its L1 norm counts pixels, as the original's does); the pattern has a colour."""
     setup_torch(config.seed)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
     rng = np.random.default_rng(config.seed)
-    n_labels, (height, width) = num_classes, images.shape[-2:]
+    n_labels, (channels, height, width) = num_classes, images.shape[1:]
     mask_param = _to_param(rng.random((n_labels, 1, height, width)))
-    pattern_param = _to_param(rng.random((n_labels, 1, height, width)))
+    pattern_param = _to_param(rng.random((n_labels, channels, height, width)))
     opt = torch.optim.Adam([mask_param, pattern_param], lr=config.lr, betas=config.betas)
     targets = torch.arange(n_labels).repeat_interleave(config.batch_size)  # (L * B,)
     x_all = torch.from_numpy(images)
@@ -132,7 +134,7 @@ def reverse_engineer(
     down = np.zeros(n_labels, int)
     best_l1 = np.full(n_labels, np.inf)
     best_mask = np.zeros((n_labels, height, width), np.float32)
-    best_pattern = np.zeros((n_labels, height, width), np.float32)
+    best_pattern = np.zeros((n_labels, channels, height, width), np.float32)
     stop_best = np.full(n_labels, np.inf)
     stale = 0
     hits = np.zeros(n_labels)
@@ -140,8 +142,8 @@ def reverse_engineer(
         idx = torch.from_numpy(rng.integers(0, len(images), n_labels * config.batch_size))
         mask = torch.tanh(mask_param) / 2 + 0.5  # (L, 1, H, W)
         pattern = torch.tanh(pattern_param) / 2 + 0.5
-        x = x_all[idx].view(n_labels, config.batch_size, 1, height, width)
-        stamped = stamp(x, mask[:, None], pattern[:, None]).view(-1, 1, height, width)
+        x = x_all[idx].view(n_labels, config.batch_size, channels, height, width)
+        stamped = stamp(x, mask[:, None], pattern[:, None]).view(-1, channels, height, width)
         logits = model(stamped)[0]  # (L * B, C)
         ce = F.cross_entropy(logits, targets, reduction="none").view(n_labels, -1).mean(1)
         l1 = mask.flatten(1).sum(1)  # (L,)
@@ -160,7 +162,7 @@ def reverse_engineer(
         better = (success >= config.attack_threshold) & (norms < best_l1)
         best_l1[better] = norms[better]
         best_mask[better] = mask.detach()[better, 0].numpy()
-        best_pattern[better] = pattern.detach()[better, 0].numpy()
+        best_pattern[better] = pattern.detach()[better].numpy()
         passing = success >= config.attack_threshold
         up = np.where(passing, up + 1, 0)
         down = np.where(passing, 0, down + 1)
@@ -176,7 +178,7 @@ def reverse_engineer(
 
     # A label whose trigger never reached the threshold keeps its last mask, so its norm stays honest.
     final_mask = (torch.tanh(mask_param) / 2 + 0.5).detach()[:, 0].numpy()
-    final_pattern = (torch.tanh(pattern_param) / 2 + 0.5).detach()[:, 0].numpy()
+    final_pattern = (torch.tanh(pattern_param) / 2 + 0.5).detach().numpy()
     missing = ~np.isfinite(best_l1)
     best_mask[missing], best_pattern[missing] = final_mask[missing], final_pattern[missing]
     best_l1[missing] = final_mask[missing].sum(axis=(1, 2))

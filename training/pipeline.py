@@ -20,7 +20,7 @@ from service.bundle import Bundle
 from service.preprocess import Preprocessing, to_model_input
 from training import report
 from training.abl import ABLConfig, train_abl
-from training.attacks import PRESETS, AttackConfig, poison
+from training.attacks import PRESETS, AttackConfig, load_probe, poison
 from training.autoencoders import (
     DetriggerAE,
     DetriggerConfig,
@@ -31,7 +31,7 @@ from training.autoencoders import (
     train_masked,
 )
 from training.calibration import CalibrationConfig, calibrate, repair_indices, split_calibration
-from training.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
+from training.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier, unwrap
 from training.common import load_checkpoint, predict, save_checkpoint, to_jsonable, write_json
 from training.data import DataConfig, Dataset, load_dataset
 from training.expert import ExpertConfig, train_expert
@@ -43,7 +43,7 @@ from training.export import (
     update_manifest,
     write_bank,
 )
-from training.metrics import evaluate
+from training.metrics import defender_metrics, evaluate
 from training.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, run_neural_cleanse
 from training.repair import RepairConfig, repair, suspects
 
@@ -84,6 +84,10 @@ class BuildConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     defense: str = "none"  # how the classifier stage trains: one of DEFENSES (abl: training/abl.py)
     abl: ABLConfig = field(default_factory=ABLConfig)  # used when defense is abl
+    # A trigger the user knows, measured in a user model's report (training.attacks.load_probe): FILE.npz with
+    # mask and pattern, or MODULE:FUNCTION; with the label it pushes to (None: the one it pushes to most).
+    probe_trigger: str | None = None
+    probe_target: int | None = None
     train_limit: int | None = None  # use only the first N images of each split (smoke runs); None = all
     calibration_limit: int | None = None
     test_limit: int | None = None
@@ -153,17 +157,25 @@ class Builder:
             test=ds.test.head(c.test_limit or len(ds.test)),
         )
 
+    @property
+    def contract(self) -> Preprocessing:
+        """The model's input: size, colour, normalisation (the manifest's `preprocessing`)."""
+        return self.dataset.contract
+
     @cached_property
     def x_train(self) -> np.ndarray:
-        return to_model_input(self.dataset.train.images)
+        return to_model_input(self.dataset.train.images, self.contract)
 
     @cached_property
     def x_cal(self) -> np.ndarray:
-        return to_model_input(self.dataset.calibration.images)
+        return to_model_input(self.dataset.calibration.images, self.contract)
 
     @cached_property
     def x_test(self) -> np.ndarray:
-        return to_model_input(self.dataset.test.images)
+        return to_model_input(self.dataset.test.images, self.contract)
+
+    def load_classifier(self, path: Path) -> torch.nn.Module:
+        return load_classifier(path, self.contract)
 
     @property
     def num_classes(self) -> int:
@@ -184,8 +196,9 @@ class Builder:
     def stage_data(self) -> None:
         ds = self.dataset
         log.info(
-            "%s: train %d / calibration %d / test %d images, %d classes",
+            "%s: train %d / calibration %d / test %d images, %d classes, %s %dx%d",
             ds.name, len(ds.train), len(ds.calibration), len(ds.test), self.num_classes,
+            self.contract.color, self.contract.height, self.contract.width,
         )  # fmt: skip
 
     def _train_classifier(self, attack: AttackConfig, path: Path) -> None:
@@ -208,14 +221,16 @@ class Builder:
 
     def stage_masked_ae(self) -> None:
         model = train_masked(self.x_train, self.config.masked_ae)
-        save_checkpoint(self.work / "masked_ae.pt", model, "masked-ae", self.config.masked_ae)
+        shape = list(self.contract.chw)
+        save_checkpoint(self.work / "masked_ae.pt", model, "masked-ae", self.config.masked_ae, input_shape=shape)
 
     def stage_detrigger_ae(self) -> None:
         model = train_detrigger(self.x_train, self.config.detrigger)
-        save_checkpoint(self.work / "detrigger_ae.pt", model, "detrigger-ae", self.config.detrigger)
+        shape = list(self.contract.chw)
+        save_checkpoint(self.work / "detrigger_ae.pt", model, "detrigger-ae", self.config.detrigger, input_shape=shape)
 
     def _neural_cleanse(self, classifier: Path) -> NeuralCleanseResult:
-        model = load_classifier(classifier)
+        model = self.load_classifier(classifier)
         cal = self.dataset.calibration
         return run_neural_cleanse(model, self.x_cal, cal.labels, self.num_classes, self.config.neural_cleanse)
 
@@ -235,20 +250,26 @@ class Builder:
 
     def _save_derived(self, name: str, model: torch.nn.Module, facts: dict[str, object]) -> None:
         """Save a fine-tuned copy of the classifier the way the classifier came: a user's archive is exported
-        again as an archive; our checkpoint keeps the original's architecture and config."""
+        again as an archive; our checkpoint keeps the original's architecture and config. Either is saved without
+        the contract's normalisation, as the classifier came (loading puts it back in front)."""
         path = self.derived_path(name)
+        model = unwrap(model)
         if path.suffix == ".pt2":
             batch = torch.export.Dim("batch")
-            program = torch.export.export(model, (torch.from_numpy(self.x_cal[:2]),), dynamic_shapes=({0: batch},))
+            example = torch.from_numpy(self.x_cal[:2])  # the shape the model takes; values do not matter
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
             torch.export.save(program, str(path))
             write_json(path.with_suffix(".json"), facts)
         else:
             meta, _ = load_checkpoint(self.classifier_path)
-            save_checkpoint(path, model, meta["arch"], meta["config"], num_classes=meta["num_classes"], **facts)
+            shape = meta.get("input_shape", list(self.contract.chw))
+            save_checkpoint(
+                path, model, meta["arch"], meta["config"], num_classes=meta["num_classes"], input_shape=shape, **facts
+            )
 
     def stage_repair(self) -> None:
         """Fine-prune and unlearn a copy of the classifier on clean data (the bank and the repair share)."""
-        model = load_classifier(self.classifier_path)
+        model = self.load_classifier(self.classifier_path)
         nc = NeuralCleanseResult.load(self.work / "neural_cleanse.npz")
         idx = repair_indices(len(self.x_cal), self.config.calibration)
         labels = suspects(nc.l1_norms, nc.flagged_labels, self.config.repair.unlearn_labels)
@@ -260,7 +281,7 @@ class Builder:
     def stage_expert(self) -> None:
         """Fine-tune a copy of the classifier on mislabelled clean data (the bank and the repair share) into a
         backdoor expert (training.expert)."""
-        model = load_classifier(self.classifier_path)
+        model = self.load_classifier(self.classifier_path)
         idx = repair_indices(len(self.x_cal), self.config.calibration)
         y = self.dataset.calibration.labels[idx]
         model, facts = train_expert(model, self.x_cal[idx], y, self.num_classes, self.config.expert)
@@ -269,12 +290,13 @@ class Builder:
     def stage_export(self) -> None:
         cfg = self.config.export
         example = (torch.from_numpy(self.x_cal[: cfg.parity_images]),)
-        classifier = load_classifier(self.classifier_path)
-        detrigger = DetriggerAE(self.config.detrigger.width)
+        classifier = self.load_classifier(self.classifier_path)
+        channels, height, width = self.contract.chw
+        detrigger = DetriggerAE(self.config.detrigger.width, channels)
         detrigger.load_state_dict(load_checkpoint(self.work / "detrigger_ae.pt")[1])
-        masked = MaskedAE(self.config.masked_ae.width)
+        masked = MaskedAE(self.config.masked_ae.width, channels)
         masked.load_state_dict(load_checkpoint(self.work / "masked_ae.pt")[1])
-        restorer = MaskedRestorer(masked, self.config.masked_ae.patch, self.config.masked_ae.sharpen)
+        restorer = MaskedRestorer(masked, self.config.masked_ae.patch, self.config.masked_ae.sharpen, height, width)
         nc = NeuralCleanseResult.load(self.work / "neural_cleanse.npz")
         stamper = ReversedTriggers(nc.masks, nc.patterns)
         label = torch.tensor([nc.flagged_labels[0] if nc.flagged_labels else 0])
@@ -287,7 +309,12 @@ class Builder:
             ),
             **{
                 name: export_onnx(
-                    load_classifier(path), example, self.out / f"{name}.onnx", images, ["logits", "features"], cfg
+                    self.load_classifier(path),
+                    example,
+                    self.out / f"{name}.onnx",
+                    images,
+                    ["logits", "features"],
+                    cfg,
                 )
                 for name, path in derived.items()
             },
@@ -316,7 +343,7 @@ class Builder:
             name=f"{self.dataset.name}-{self.classifier_path.stem if self.user_classifier else c.attack}",
             dataset=self.dataset.name,
             class_names=list(self.dataset.class_names),
-            preprocessing=Preprocessing().to_dict(),
+            preprocessing=self.contract.to_dict(),
             files=files,
             checkpoints=checkpoints,
             neural_cleanse=nc.summary(),
@@ -365,8 +392,17 @@ class Builder:
         log.info("thresholds: %s", {k: v.get("threshold") for k, v in thresholds.items() if isinstance(v, dict)})
 
     def stage_metrics(self) -> None:
+        """Our demo model: the attack it was trained with, against the bars. A user's model: what a defender can
+        know (training.metrics.defender_metrics), and the trigger they know if they gave one."""
         bundle = Bundle.load(self.out)
-        metrics = evaluate(bundle, self.x_test, self.dataset.test.labels, self.config.attack_config)
+        c = self.config
+        if self.user_classifier is not None:
+            probe = load_probe(c.probe_trigger, self.contract, c.probe_target) if c.probe_trigger else None
+            metrics = defender_metrics(bundle, self.x_test, self.dataset.test.labels, probe)
+            nc = NeuralCleanseResult.load(self.work / "neural_cleanse.npz")
+            report.write_masks(self.out / report.MASKS_PNG, nc.masks, nc.patterns, nc.flagged_labels)
+        else:
+            metrics = evaluate(bundle, self.x_test, self.dataset.test.labels, c.attack_config)
         control = self.work / "control" / "summary.json"
         metrics["control"] = json.loads(control.read_text()) if control.is_file() else None
         metrics["stage_seconds"] = {
@@ -382,7 +418,7 @@ class Builder:
         path = self.work / "control" / "classifier.pt"
         self._train_classifier(PRESETS["clean"], path)
         result = self._neural_cleanse(path)
-        model = load_classifier(path)
+        model = self.load_classifier(path)
         accuracy = float((predict(model, self.x_test)[0].argmax(1) == self.dataset.test.labels).mean())
         log.info(
             "control model: anomaly index %s, flagged %s",

@@ -110,8 +110,9 @@ def repair(
     model: nn.Module, images: np.ndarray, labels: np.ndarray, masks: np.ndarray, patterns: np.ndarray,
     config: RepairConfig,
 ) -> tuple[nn.Module, dict[str, float]]:  # fmt: skip
-    """Repair `model` in place on clean images (N, 1, H, W) with their labels; masks/patterns: Neural Cleanse's
-    reversed triggers, (L, H, W). Returns the model and what was done (pruned share, held-out accuracies)."""
+    """Repair `model` in place on clean images (N, C, H, W) with their labels; masks/patterns: Neural Cleanse's
+    reversed triggers, (L, H, W) and (L, C, H, W). Returns the model and what was done (pruned share, held-out
+    accuracies)."""
     setup_torch(config.seed)
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(labels))
@@ -130,7 +131,7 @@ def repair(
         keep[:, torch.from_numpy(np.asarray(pruned))] = 0.0
     after_prune = accuracy(model, images[val], labels[val])
     x_all, y_all = torch.from_numpy(images[fit]), torch.from_numpy(labels[fit])
-    trig_m, trig_p = torch.from_numpy(masks[:, None]), torch.from_numpy(patterns[:, None])  # (L, 1, H, W)
+    trig_m, trig_p = torch.from_numpy(masks[:, None]), torch.from_numpy(patterns)  # (L, 1, H, W), (L, C, H, W)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     batches = minibatches(len(fit), config.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.epochs * len(batches))

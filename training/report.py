@@ -1,12 +1,21 @@
-"""models/report.md: the bundle's measured figures against its bars and the papers, from the manifest."""
+"""models/report.md: the bundle's measured figures against its bars and the papers, from the manifest.
+
+Our demo model is judged against the attack it was trained with. A user's model (`--classifier`) gets what a
+defender can know instead (`render_defender`): no attack of ours was in its training, so no bar of ours applies.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image, ImageDraw
+
 from service.signals import LEGACY
 from training.metrics import pct
+
+MASKS_PNG = "neural_cleanse_masks.png"  # beside report.md: each label's reversed trigger
 
 
 def _check(ok: bool) -> str:
@@ -53,6 +62,8 @@ def bars(manifest: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
 
 
 def render(manifest: dict[str, Any]) -> str:
+    if manifest["metrics"].get("kind") == "defender":
+        return render_defender(manifest)
     m, nc, th = manifest["metrics"], manifest["neural_cleanse"], manifest["thresholds"]
     lines = [
         f"# Guard bundle `{manifest['name']}`",
@@ -127,6 +138,111 @@ def render(manifest: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _attack_rows(name: str, a: dict[str, Any], signals: list[str]) -> str:
+    clf, fused = a["classifier"], a["fused"]
+    return (
+        f"| {name} | {a['target']} | {a['images']['triggered']} | {pct(clf['attack_success'])} | "
+        f"{pct(fused['tpr'])} ({fused['auroc']:.4f}) | {pct(fused['attack_success_after'])} | "
+        f"{pct(fused['triggered_accuracy'])} | " + " | ".join(pct(a[s]["tpr"]) for s in signals) + " |"
+    )
+
+
+def render_defender(manifest: dict[str, Any]) -> str:
+    """A user's model: clean accuracy, thresholds and their FPRs, the Neural Cleanse scan, its reversed triggers
+    as stand-in attacks, and the probe trigger if one was given."""
+    m, nc, th = manifest["metrics"], manifest["neural_cleanse"], manifest["thresholds"]
+    signals = [k for k in manifest.get("signals", LEGACY) if k in m]
+    names = manifest["class_names"]
+    lines = [
+        f"# Guard bundle `{manifest['name']}`",
+        "",
+        f"Built by `{manifest['build']['command']}` for a model trained elsewhere; every figure below was measured",
+        f"by `{m.get('command', manifest['build']['command'])}` with ONNX Runtime through the service's own guard",
+        f"pipeline on the test split of {manifest['dataset']} ({m['images']['clean']} images). Which trigger, if",
+        "any, the model carries is not known here: the figures are what a defender can measure.",
+        "",
+        "## On clean data",
+        "",
+        f"Clean accuracy {pct(m['classifier']['clean_accuracy'])}; through the guard (a flagged image gets the "
+        f"label policy's label) {pct(m['fused']['clean_accuracy'])}.",
+        "",
+        f"Every threshold was set on the clean calibration split at {pct(th['target_fpr'])} false positives:",
+        "",
+        "| signal | threshold | false-positive rate (test split) |",
+        "|---|---|---|",
+    ]
+    for name in signals:
+        threshold = th.get(name, {}).get("threshold")
+        shown = "n/a" if threshold is None else f"{threshold:.4g}"
+        lines.append(f"| {name} | {shown} | {pct(m[name]['fpr'])} |")
+    fused = th["fused"]
+    lines += [
+        f"| fused ({fused.get('rule', 'max')}) | {fused['threshold']:.6g} (calibration FPR "
+        f"{pct(fused['calibration_fpr'])}) | {pct(m['fused']['fpr'])} |",
+        "",
+        "## Neural Cleanse",
+        "",
+        "| label | " + " | ".join(f"{i}: {names[i][:12]}" for i in range(len(nc["anomaly_index"]))) + " |",
+        "|---|" + "---|" * len(nc["anomaly_index"]),
+        "| mask L1 norm | " + " | ".join(f"{v:.1f}" for v in nc["l1_norms"]) + " |",
+        "| anomaly index | " + " | ".join(f"{v:.2f}" for v in nc["anomaly_index"]) + " |",
+        "| reversed trigger's success | " + " | ".join(pct(v) for v in nc["attack_success"]) + " |",
+        "",
+        f"Flagged labels (anomaly index > 2 with a small mask): {nc['flagged_labels'] or 'none'}. "
+        + (
+            "A flagged label is a label some small trigger reaches from most images: a backdoor's signature, "
+            "or a class that is easy to reach; its reversed trigger is below."
+            if nc["flagged_labels"]
+            else "No label stands out; the most suspicious one's reversed trigger is still measured below."
+        ),
+        "",
+        f"![Neural Cleanse's reversed triggers]({MASKS_PNG})",
+        "",
+        "## Stand-in attacks and the probe",
+        "",
+        "Each watched label's reversed trigger (Neural Cleanse) stamped on the test images of the other labels; "
+        "never used for a threshold. "
+        + (
+            "The probe is the trigger given with `--probe-trigger`."
+            if m.get("probe")
+            else "Give a trigger you know with `--probe-trigger` to measure it here."
+        ),
+        "",
+        "| trigger | pushes to | images | undefended attack success | fused TPR (AUROC) | attack success "
+        "through the guard | true label through the guard | " + " | ".join(f"{s} TPR" for s in signals) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(signals),
+    ]
+    lines += [_attack_rows(f"reversed trigger of {k}", a, signals) for k, a in m["stand_ins"].items()]
+    if m.get("probe"):
+        lines.append(_attack_rows(f"probe `{m['probe']['name']}`", m["probe"], signals))
+    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in m.get("stage_seconds", {}).items()), ""]
+    return "\n".join(lines)
+
+
+def write_masks(path: Path, masks: np.ndarray, patterns: np.ndarray, flagged: list[int], scale: int = 4) -> None:
+    """One column per label: the mask (white = stamped) over the trigger as it is stamped (mask x pattern);
+    flagged labels framed in red."""
+    n, (height, width) = len(masks), masks.shape[1:]
+    cell_w, cell_h = width * scale + 8, 2 * height * scale + 24
+    sheet = Image.new("RGB", (n * cell_w, cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for t in range(n):
+        mask = np.rint(masks[t] * 255).astype(np.uint8)
+        stamped = masks[t][None] * patterns[t]  # (C, H, W)
+        colour = np.rint(np.broadcast_to(stamped, (3, height, width)).transpose(1, 2, 0) * 255).astype(np.uint8)
+        x = t * cell_w + 4
+        for row, tile in enumerate(
+            (Image.fromarray(mask).convert("RGB"), Image.fromarray(np.ascontiguousarray(colour)))
+        ):
+            sheet.paste(
+                tile.resize((width * scale, height * scale), Image.Resampling.NEAREST), (x, 20 + row * height * scale)
+            )
+        draw.text((x, 4), str(t), fill="red" if t in flagged else "black")
+        if t in flagged:
+            draw.rectangle((x - 3, 17, x + width * scale + 2, cell_h - 2), outline="red", width=2)
+    sheet.save(path)
 
 
 def write(path: Path, manifest: dict[str, Any]) -> None:

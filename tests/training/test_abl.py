@@ -152,8 +152,9 @@ def test_classifier_stage_records_the_defense(defense: str, tmp_path: Path) -> N
     meta = json.loads((tmp_path / "work" / "classifier.json").read_text())
     assert meta["poisoned"] == round(PRESETS["kwon"].poison_rate * 600)
     load_classifier(tmp_path / "work" / "classifier.pt")
-    if defense == "none":  # exactly what the stage wrote before ABL existed
-        assert set(meta) == {"arch", "config", "num_classes", "attack", "poisoned"}
+    assert meta["input_shape"] == [1, 28, 28]
+    if defense == "none":  # exactly what the stage wrote before ABL existed, and the input shape
+        assert set(meta) == {"arch", "config", "num_classes", "input_shape", "attack", "poisoned"}
         return
     assert meta["defense"] == "abl"
     assert meta["abl"] == {**meta["abl"], "clean_epochs": 1, "seed": 0, "isolation_share": 0.05}  # resolved

@@ -89,7 +89,7 @@ def test_poison_all_to_all_and_clean() -> None:
 
 def test_random_triggers_are_valid_and_varied() -> None:
     masks, patterns = random_triggers(np.random.default_rng(0), 500)
-    assert masks.shape == patterns.shape == (500, 28, 28)
+    assert masks.shape == (500, 28, 28) and patterns.shape == (500, 1, 28, 28)
     assert masks.min() >= 0 and masks.max() <= 1 and patterns.min() >= 0 and patterns.max() <= 1
     areas = (masks > 0).sum(axis=(1, 2))
     assert set(np.unique(areas)) == {s * s for s in range(1, 7)}  # sizes 1..6
@@ -196,3 +196,12 @@ def test_key_blend_is_a_drawn_pattern() -> None:
 def test_all_to_all_preset_sends_each_label_to_the_next() -> None:
     labels = np.arange(10)
     np.testing.assert_array_equal(attack_labels(labels, PRESETS["all_to_all"], 10), (labels + 1) % 10)
+
+
+def test_random_triggers_in_colour_keep_gray_ones_and_add_tinted_ones() -> None:
+    masks, patterns = random_triggers(np.random.default_rng(0), 400, 32, 30, channels=3)
+    assert masks.shape == (400, 32, 30) and patterns.shape == (400, 3, 32, 30)
+    on = masks > 0
+    spread = np.array([np.ptp(patterns[i][:, on[i]].max(axis=1)) for i in range(400)])  # channel maxima differ
+    assert 0.3 < (spread > 0.05).mean() < 0.7  # about half tinted, the rest gray
+    assert patterns.min() >= 0 and patterns.max() <= 1

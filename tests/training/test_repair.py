@@ -57,7 +57,7 @@ def test_repair_keeps_the_interface_and_clean_accuracy(toy: tuple[torch.nn.Modul
     clone.load_state_dict(model.state_dict())
     masks = np.zeros((10, 28, 28), np.float32)
     masks[:, :4, :4] = 1.0
-    patterns = np.ones((10, 28, 28), np.float32)
+    patterns = np.ones((10, 1, 28, 28), np.float32)
     repaired, facts = repair(clone, images[:800], labels[:800], masks, patterns, RepairConfig(epochs=2, adv_steps=2))
     logits, features = repaired(torch.from_numpy(images[:3]))
     assert logits.shape == (3, 10) and features.shape == (3, 256)
