@@ -119,6 +119,10 @@ BAD_EDITS = [
     ("preprocessing.resample", "smooth", "preprocessing.resample"),
     ("preprocessing.scale", 0, "preprocessing.scale"),
     ("preprocessing.layout", "NHWC", "preprocessing.layout"),
+    ("preprocessing.std", [0.0], "preprocessing.std"),  # a division by zero in front of the classifier
+    ("preprocessing.std", [NAN], "preprocessing.std"),
+    ("preprocessing.mean", [0.1, 0.2], "preprocessing.mean"),  # one value per channel, or one for all
+    ("preprocessing.gamma", 2.2, "preprocessing"),  # a key the service would not apply
     ("schema_version", 2, "schema_version"),
     ("name", "", "name"),
     ("files.classifier.outputs.0.shape", ["batch", 9], "files.classifier.outputs"),
