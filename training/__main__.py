@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--probe-target", type=int, default=None, help="the label --probe-trigger pushes to (default: "
                    "the one the model gives its stamped images most)")  # fmt: skip
+    p.add_argument(
+        "--reuse-from", type=Path, default=None,
+        help="take the autoencoders (which depend on the data only) from this bundle, built on the same data, "
+        "instead of training them; without it they come from the cache ($GUARD_CACHE_DIR, default build/cache) when "
+        "the same images trained them before",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="one seed for every stage")
     p.add_argument("--target-fpr", type=float, default=0.01, help="clean false-positive rate of every threshold")
     p.add_argument("--strip-n", type=int, default=None, help="STRIP overlays per input (default 16: reports/cost.md)")
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         config = smoke(config)
     work = args.work or Path("build/smoke" if args.smoke else "build/work")
-    builder = Builder(config, args.out, work, args.classifier)
+    builder = Builder(config, args.out, work, args.classifier, reuse_from=args.reuse_from)
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     if args.stage == "all" and args.skip_control:
         stages.remove("control")

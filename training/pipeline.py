@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Collection
@@ -16,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from service.bundle import Bundle
+from service.bundle import Bundle, read_manifest, sha256_file
 from service.preprocess import Preprocessing, to_model_input
 from training import report
 from training.abl import ABLConfig, train_abl
@@ -65,6 +68,12 @@ SIGNAL_MODELS = {"repaired": "repaired_classifier", "expert": "backdoor_expert"}
 DERIVED_MODELS = tuple(SIGNAL_MODELS.values())  # copies of the classifier that stages fine-tune (repair, expert)
 
 
+# What depends only on the data: the autoencoders (stage -> checkpoint). Built once per dataset and reused: from the
+# cache (keyed by the training images' digest and the stage's config) or from an existing bundle (--reuse-from).
+AUTOENCODERS = {"masked-ae": "masked_ae", "detrigger-ae": "detrigger_ae"}
+CACHE_ENV = "GUARD_CACHE_DIR"  # default build/cache
+
+
 def bundle_signals(files: Collection[str]) -> list[str]:
     """The SIGNALS a bundle with these model files runs."""
     return [name for name in SIGNALS if name not in SIGNAL_MODELS or SIGNAL_MODELS[name] in files]
@@ -104,6 +113,12 @@ class BuildConfig:
         return PRESETS[self.attack]
 
 
+def _copy_checkpoint(source: Path, dest: Path) -> None:
+    """A checkpoint and its .json config beside it."""
+    shutil.copyfile(source, dest)
+    shutil.copyfile(source.with_suffix(".json"), dest.with_suffix(".json"))
+
+
 def smoke(config: BuildConfig) -> BuildConfig:
     """Every stage on a tiny subset: checks the mechanics in well under a minute, not the quality."""
     return replace(
@@ -140,9 +155,21 @@ def with_seed(config: BuildConfig, seed: int) -> BuildConfig:
 class Builder:
     """Runs stages; each reads what earlier stages left in `work` (checkpoints) or `out` (the bundle)."""
 
-    def __init__(self, config: BuildConfig, out: Path, work: Path, classifier: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: BuildConfig,
+        out: Path,
+        work: Path,
+        classifier: Path | None = None,
+        reuse_from: Path | None = None,
+        cache: Path | None = None,
+    ) -> None:
+        """reuse_from: a bundle built on the same data whose autoencoders to take; cache: where autoencoders are
+        kept by data digest (default $GUARD_CACHE_DIR or build/cache)."""
         self.config, self.out, self.work = config, Path(out), Path(work)
         self.user_classifier = classifier
+        self.reuse_from = reuse_from
+        self.cache = Path(cache or os.environ.get(CACHE_ENV, "build/cache"))
         self.timings: dict[str, float] = {}
 
     # ---- data -------------------------------------------------------------------------------------
@@ -176,6 +203,63 @@ class Builder:
 
     def load_classifier(self, path: Path) -> torch.nn.Module:
         return load_classifier(path, self.contract)
+
+    @cached_property
+    def data_digest(self) -> str:
+        """SHA-256 of what the autoencoders learn from: the contract and the training split's pixels."""
+        digest = hashlib.sha256(json.dumps(self.contract.to_dict(), sort_keys=True).encode())
+        digest.update(np.ascontiguousarray(self.dataset.train.images).tobytes())
+        return digest.hexdigest()
+
+    def _autoencoder(self, stage: str, config: MaskedAEConfig | DetriggerConfig) -> None:
+        """Train, or take from --reuse-from, or from the cache, the autoencoder of `stage`."""
+        name = AUTOENCODERS[stage]
+        path = self.work / f"{name}.pt"
+        self.work.mkdir(parents=True, exist_ok=True)
+        if self.reuse_from is not None:
+            self._take_from_bundle(name, path)
+            return
+        key = hashlib.sha256(json.dumps([self.data_digest, name, to_jsonable(config)]).encode()).hexdigest()
+        cached = self.cache / key[:24] / path.name
+        if cached.is_file() and cached.with_suffix(".json").is_file():
+            _copy_checkpoint(cached, path)
+            log.info("%s: reused %s (same training images and config)", name, cached)
+            return
+        model = (
+            train_masked(self.x_train, config)
+            if isinstance(config, MaskedAEConfig)
+            else train_detrigger(self.x_train, config)
+        )
+        save_checkpoint(path, model, stage, config, input_shape=list(self.contract.chw), data_digest=self.data_digest)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _copy_checkpoint(path, cached)
+
+    def _take_from_bundle(self, name: str, path: Path) -> None:
+        """An autoencoder from the bundle at reuse_from: refused unless its file is the one its manifest lists,
+        its input is ours and (where it records one) it was trained on these very images."""
+        assert self.reuse_from is not None
+        root = self.reuse_from
+        manifest = read_manifest(root)
+        theirs = Preprocessing(**manifest["preprocessing"])
+        if theirs.chw != self.contract.chw:
+            raise ValueError(f"--reuse-from {root}: its models take {list(theirs.chw)} images, this data gives "
+                             f"{list(self.contract.chw)}")  # fmt: skip
+        entry = manifest.get("checkpoints", {}).get(name)
+        if entry is None:
+            raise ValueError(f"--reuse-from {root}: its manifest lists no {name} checkpoint")
+        source = root / entry["path"]
+        if not source.is_file() or sha256_file(source) != entry["sha256"]:
+            raise ValueError(f"--reuse-from {root}: {source} is missing or not the file its manifest lists (SHA-256)")
+        meta = json.loads(source.with_suffix(".json").read_text())
+        recorded = meta.get("data_digest")
+        if recorded is not None and recorded != self.data_digest:
+            raise ValueError(f"--reuse-from {root}: its {name} was trained on other images (data digest "
+                             f"{recorded[:12]}..., this data {self.data_digest[:12]}...)")  # fmt: skip
+        if recorded is None:
+            log.warning("--reuse-from %s: %s records no data digest (built before digests); trusting that it was "
+                        "trained on this data", root, name)  # fmt: skip
+        _copy_checkpoint(source, path)
+        log.info("%s: taken from %s", name, root)
 
     @property
     def num_classes(self) -> int:
@@ -220,14 +304,10 @@ class Builder:
         self._train_classifier(self.config.attack_config, self.classifier_path)
 
     def stage_masked_ae(self) -> None:
-        model = train_masked(self.x_train, self.config.masked_ae)
-        shape = list(self.contract.chw)
-        save_checkpoint(self.work / "masked_ae.pt", model, "masked-ae", self.config.masked_ae, input_shape=shape)
+        self._autoencoder("masked-ae", self.config.masked_ae)
 
     def stage_detrigger_ae(self) -> None:
-        model = train_detrigger(self.x_train, self.config.detrigger)
-        shape = list(self.contract.chw)
-        save_checkpoint(self.work / "detrigger_ae.pt", model, "detrigger-ae", self.config.detrigger, input_shape=shape)
+        self._autoencoder("detrigger-ae", self.config.detrigger)
 
     def _neural_cleanse(self, classifier: Path) -> NeuralCleanseResult:
         model = self.load_classifier(classifier)
@@ -292,11 +372,15 @@ class Builder:
         example = (torch.from_numpy(self.x_cal[: cfg.parity_images]),)
         classifier = self.load_classifier(self.classifier_path)
         channels, height, width = self.contract.chw
-        detrigger = DetriggerAE(self.config.detrigger.width, channels)
-        detrigger.load_state_dict(load_checkpoint(self.work / "detrigger_ae.pt")[1])
-        masked = MaskedAE(self.config.masked_ae.width, channels)
-        masked.load_state_dict(load_checkpoint(self.work / "masked_ae.pt")[1])
-        restorer = MaskedRestorer(masked, self.config.masked_ae.patch, self.config.masked_ae.sharpen, height, width)
+        # Built from their own checkpoints' configs: reused autoencoders may have been trained with other settings.
+        det_meta, det_state = load_checkpoint(self.work / "detrigger_ae.pt")
+        detrigger = DetriggerAE(det_meta["config"]["width"], channels)
+        detrigger.load_state_dict(det_state)
+        masked_meta, masked_state = load_checkpoint(self.work / "masked_ae.pt")
+        masked = MaskedAE(masked_meta["config"]["width"], channels)
+        masked.load_state_dict(masked_state)
+        patch, sharpen = masked_meta["config"]["patch"], masked_meta["config"]["sharpen"]
+        restorer = MaskedRestorer(masked, patch, sharpen, height, width)
         nc = NeuralCleanseResult.load(self.work / "neural_cleanse.npz")
         stamper = ReversedTriggers(nc.masks, nc.patterns)
         label = torch.tensor([nc.flagged_labels[0] if nc.flagged_labels else 0])
@@ -362,8 +446,8 @@ class Builder:
                     "attack_preset": c.attack if self.user_classifier is None else None,
                     "data": c.data,
                     "classifier": c.classifier,
-                    "masked_ae": c.masked_ae,
-                    "detrigger": c.detrigger,
+                    "masked_ae": masked_meta["config"],
+                    "detrigger": det_meta["config"],
                     "neural_cleanse": c.neural_cleanse,
                     "repair": c.repair,
                     "expert": c.expert,

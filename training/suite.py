@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,17 +76,6 @@ def stage_key(config: BuildConfig, stage: str) -> str:
     return json.dumps(to_jsonable(parts), sort_keys=True)
 
 
-def copy_autoencoders(shipped: Path, work: Path) -> None:
-    """The shipped bundle's autoencoders into `work`: trained on clean data only, they are what the recipe would
-    train again for any model on this data."""
-    checkpoints = json.loads((shipped / "manifest.json").read_text())["checkpoints"]
-    work.mkdir(parents=True, exist_ok=True)
-    for model in ("detrigger_ae", "masked_ae"):
-        source = shipped / checkpoints[model]["path"]
-        shutil.copyfile(source, work / f"{model}.pt")
-        shutil.copyfile(source.with_suffix(".json"), work / f"{model}.json")
-
-
 def train(name: str, root: Path = EVAL_ROOT, data: DataConfig | None = None, stages: tuple[str, ...] = ()) -> Builder:
     """Run the cached stages of entry `name` that are missing or stale; returns its Builder."""
     config = config_of(name, data)
@@ -120,7 +108,8 @@ def _current(builder: Builder, shipped: Path) -> bool:
         for part in ("classifier", "repair", "expert", "calibration")
     )
     same_models = all((name in m["files"]) == builder.derived_path(name).is_file() for name in DERIVED_MODELS)
-    return same_models and same_aes and same_signals and same_config and m["preprocessing"] == Preprocessing().to_dict()
+    same_input = Preprocessing(**m["preprocessing"]) == Preprocessing()
+    return same_models and same_aes and same_signals and same_config and same_input
 
 
 def suite_bundle(name: str, shipped: Path, root: Path = EVAL_ROOT, data: DataConfig | None = None,
@@ -131,8 +120,8 @@ def suite_bundle(name: str, shipped: Path, root: Path = EVAL_ROOT, data: DataCon
         return shipped
     builder = train(name, root, data)
     if rebuild or not _current(builder, shipped):
-        copy_autoencoders(shipped, builder.work)
-        for stage in ("export", "calibrate"):
+        builder.reuse_from = shipped  # the autoencoders depend on the data only: the shipped bundle's serve
+        for stage in ("masked-ae", "detrigger-ae", "export", "calibrate"):
             builder.run(stage)
     return builder.out
 
