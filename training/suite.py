@@ -65,6 +65,9 @@ CACHED = {
 }
 
 
+DATA_KEY_FIELDS = ("dataset", "data_dir", "calibration_size", "seed")  # DataConfig's fields when keys were first kept
+
+
 def config_of(name: str, data: DataConfig | None = None) -> BuildConfig:
     entry = SUITE[name]
     classifier = ClassifierConfig(arch=entry.arch, epochs=SUITE_EPOCHS)
@@ -72,8 +75,13 @@ def config_of(name: str, data: DataConfig | None = None) -> BuildConfig:
 
 
 def stage_key(config: BuildConfig, stage: str) -> str:
-    parts = {part: getattr(config, part) if part != "attack" else config.attack_config for part in CACHED[stage]}
-    return json.dumps(to_jsonable(parts), sort_keys=True)
+    parts = to_jsonable(
+        {part: getattr(config, part) if part != "attack" else config.attack_config for part in CACHED[stage]}
+    )
+    if "data" in parts:  # fields added for a user's own data count only when set: older keys stay valid
+        defaults = to_jsonable(DataConfig())
+        parts["data"] = {k: v for k, v in parts["data"].items() if k in DATA_KEY_FIELDS or v != defaults[k]}
+    return json.dumps(parts, sort_keys=True)
 
 
 def train(name: str, root: Path = EVAL_ROOT, data: DataConfig | None = None, stages: tuple[str, ...] = ()) -> Builder:
