@@ -19,7 +19,7 @@ from service import __version__
 from service.bundle import Bundle
 from service.errors import GuardError, GuardFailure, error_response, guard_error_handler
 from service.guard import NonFiniteScore
-from service.routes import classify, health, metrics, ui
+from service.routes import classify, health, infer, metrics, ui
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -121,6 +121,7 @@ def create_app(settings: Settings, loader: BundleLoader = load_bundle) -> FastAP
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.include_router(health.router)
+    app.include_router(infer.router)
     app.include_router(metrics.router)
     app.include_router(ui.router)
     app.mount("/static", ui.static_files(), name="static")

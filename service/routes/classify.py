@@ -59,7 +59,7 @@ def upload_body(max_files: int) -> dict[str, Any]:
 UPLOAD_BODY = upload_body(Settings.model_fields["max_files"].default)
 
 
-def _check_key(runtime: Runtime, given: str | None) -> None:
+def check_key(runtime: Runtime, given: str | None) -> None:
     expected = runtime.settings.api_key
     if expected is not None and not hmac.compare_digest((given or "").encode(), expected.get_secret_value().encode()):
         raise Unauthorized("missing or wrong X-API-Key header")
@@ -67,7 +67,7 @@ def _check_key(runtime: Runtime, given: str | None) -> None:
 
 def _admit(request: Request, runtime: Runtime, x_api_key: str | None) -> UploadLimits:
     """Everything that can be refused before a byte of the body is read: key, readiness, queue, declared size."""
-    _check_key(runtime, x_api_key)
+    check_key(runtime, x_api_key)
     if not runtime.ready:
         raise NotReady(runtime.warmup_error or "warming up; retry shortly", headers={"Retry-After": "1"})
     s = runtime.settings

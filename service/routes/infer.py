@@ -1,0 +1,139 @@
+"""POST /v2/models/{name}/infer and GET /v2/models/{name}/ready: the Open Inference Protocol (KServe v2, Triton).
+
+Tensors in, the same guard as /classify out (service.oip): the same micro-batching, queue limit, API key, metrics
+and error shape; what differs is only that the images arrive as model input rather than as files to decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from service import oip
+from service.errors import (
+    ClientGone,
+    GuardFailure,
+    MalformedRequest,
+    NotReady,
+    Overloaded,
+    RequestTimeout,
+    TooLarge,
+    TooManyFiles,
+    Unauthorized,
+    UnknownModel,
+    WrongContentType,
+    responses,
+)
+from service.routes.classify import check_key
+from service.runtime import Runtime, RuntimeDep
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v2/models")
+JSON_BYTES_PER_VALUE = 24  # a float32 written out in JSON, with its comma: the body limit's allowance per value
+INFER_ERRORS = (
+    MalformedRequest, Unauthorized, RequestTimeout, TooManyFiles, TooLarge, WrongContentType, GuardFailure,
+    NotReady, Overloaded, UnknownModel,
+)  # fmt: skip
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "description": "KServe v2 inference request: one input `images`, FP32 [B, C, H, W] in [0, 1] "
+                    "or UINT8; binary tensors after the JSON with the Inference-Header-Content-Length header",
+                }
+            }
+        },
+    }
+}
+
+
+def _model(runtime: Runtime, name: str) -> str:
+    model = runtime.bundle.manifest["name"]
+    if name != model:
+        raise UnknownModel(f"no model named {name!r}; this service guards {model!r}")
+    return model
+
+
+def body_limit(runtime: Runtime) -> int:
+    """The largest request body: GUARD_MAX_FILES images written out as JSON, and 64 KiB for the rest."""
+    return 64 * 1024 + runtime.settings.max_files * math.prod(runtime.bundle.preprocessing.chw) * JSON_BYTES_PER_VALUE
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"the request body is {declared} bytes; at most {limit}", headers={"Connection": "close"})
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(f"the request body exceeds {limit} bytes", headers={"Connection": "close"})
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s (GUARD_BODY_TIMEOUT_S)") from None
+    except ClientDisconnect:
+        raise ClientGone("went away while sending its request") from None
+    return b"".join(chunks)
+
+
+@router.get(
+    "/{name}/ready", summary="The model is loaded and warmed up (Open Inference Protocol)",
+    responses=responses(UnknownModel, NotReady),
+)  # fmt: skip
+async def model_ready(name: str, runtime: RuntimeDep) -> Any:
+    _model(runtime, name)
+    if not runtime.ready:
+        return JSONResponse({"name": name, "ready": False}, status_code=503)
+    return {"name": name, "ready": True}
+
+
+@router.post(
+    "/{name}/infer",
+    summary="Guard a batch of images sent as a tensor (Open Inference Protocol, JSON or binary tensors)",
+    openapi_extra=INFER_BODY,
+    responses=responses(*INFER_ERRORS),
+)
+async def infer(
+    name: str,
+    request: Request,
+    runtime: RuntimeDep,
+    x_api_key: Annotated[str | None, Header(description="required when GUARD_API_KEY is set")] = None,
+    inference_header_content_length: Annotated[
+        str | None, Header(description="binary tensors: the length of the JSON part of the body")
+    ] = None,
+) -> Response:
+    check_key(runtime, x_api_key)
+    model = _model(runtime, name)
+    if not runtime.ready:
+        raise NotReady(runtime.warmup_error or "warming up; retry shortly", headers={"Retry-After": "1"})
+    if runtime.batcher.full:
+        raise runtime.batcher.overloaded()
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise WrongContentType(f"Content-Encoding {encoding!r}: send the request uncompressed")
+    body = await read_body(request, body_limit(runtime), runtime.settings.body_timeout_s)
+    head, binary = oip.split_body(body, inference_header_content_length)
+    signals = [s.name for s in runtime.pipeline.signals] if runtime.guarded else []
+    known = oip.output_names(signals, "repaired_classifier" in runtime.bundle.sessions, runtime.guarded)
+    parsed = oip.parse_request(head, binary, runtime.bundle.preprocessing, runtime.settings.max_files, known)
+    with runtime.batcher.admission(len(parsed.images)):
+        runtime.metrics.queue.set(runtime.batcher.pending)
+        result = await runtime.batcher.guard(parsed.images)
+    runtime.metrics.queue.set(runtime.batcher.pending)
+    runtime.metrics.observe_result(result)
+    content, json_length = oip.encode_response(model, parsed, result, runtime.guarded)
+    headers = {"Inference-Header-Content-Length": str(json_length)} if json_length is not None else None
+    media = "application/octet-stream" if json_length is not None else "application/json"
+    return Response(content, media_type=media, headers=headers)

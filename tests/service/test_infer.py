@@ -1,0 +1,153 @@
+"""POST /v2/models/{name}/infer: the Open Inference Protocol, driven by Triton's own client and by hand."""
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.bundle import Bundle, build_pipeline
+from service.preprocess import to_model_input
+from service.settings import Settings
+from tests.conftest import MODELS
+from tests.live import LiveService, live_service
+from tests.service.conftest import files, png, wait_ready
+
+pytestmark = pytest.mark.data
+NAME = json.loads((MODELS / "manifest.json").read_text())["name"]
+INFER = f"/v2/models/{NAME}/infer"
+
+
+def tensor(x: np.ndarray, datatype: str = "FP32") -> dict:
+    return {"name": "images", "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}
+
+
+def outputs(body: dict) -> dict[str, list]:
+    return {o["name"]: o["data"] for o in body["outputs"]}
+
+
+@pytest.fixture(scope="module")
+def batch(samples: dict) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 pixels: 8 clean and 8 triggered test images, and which are triggered."""
+    pixels = np.concatenate([samples["clean"][:8], samples["triggered"][:8]])
+    return pixels, np.repeat([False, True], 8)
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveService]:
+    with live_service({"GUARD_MODELS_DIR": str(MODELS)}) as service:
+        yield service
+
+
+def test_tritonclient_gets_the_labels_and_verdicts_classify_gives(
+    live: LiveService, client: TestClient, batch: tuple[np.ndarray, np.ndarray]
+) -> None:
+    import tritonclient.http as triton
+
+    pixels, triggered = batch
+    answers = client.post("/classify", files=files(*(png(p) for p in pixels))).json()["results"]
+    in_process = build_pipeline(Bundle.load(MODELS)).run(to_model_input(pixels))  # each signal's own score
+    triton_client = triton.InferenceServerClient(live.url.removeprefix("http://"))
+    assert triton_client.is_server_live() and triton_client.is_server_ready() and triton_client.is_model_ready(NAME)
+    x = to_model_input(pixels)
+    for binary in (True, False):  # the binary tensor extension (the client's default), and plain JSON
+        images = triton.InferInput("images", list(x.shape), "FP32")
+        images.set_data_from_numpy(x, binary_data=binary)
+        asked = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("label", "backdoor", "score",
+                 "original_label", "restored_label", "strip_score")]  # fmt: skip
+        result = triton_client.infer(NAME, [images], outputs=asked, request_id="r1")
+        assert result.get_response()["id"] == "r1"
+        assert result.as_numpy("label").tolist() == [r["label"] for r in answers]
+        assert result.as_numpy("backdoor").tolist() == [r["backdoor"] for r in answers]
+        assert result.as_numpy("original_label").tolist() == [r["original"]["label"] for r in answers]
+        assert result.as_numpy("restored_label").tolist() == [r["restored"]["label"] for r in answers]
+        np.testing.assert_allclose(result.as_numpy("score"), [r["score"] for r in answers], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(result.as_numpy("strip_score"), in_process.signals["strip"].score, rtol=1e-5)
+    assert result.as_numpy("backdoor").tolist() == triggered.tolist()  # and the guard is right about them
+    # no outputs named: every output, binary; UINT8 pixels as they are
+    images = triton.InferInput("images", list(pixels[:, None].shape), "UINT8")
+    images.set_data_from_numpy(pixels[:, None])
+    result = triton_client.infer(NAME, [images])
+    names = {o["name"] for o in result.get_response()["outputs"]}
+    assert {"label", "confidence", "backdoor", "score", "original_label", "restored_label", "repaired_label"} <= names
+    assert {"detrigger_score", "strip_score", "activation_score", "repaired_score", "expert_score"} <= names
+    assert result.as_numpy("label").tolist() == [r["label"] for r in answers]
+
+
+def test_json_tensors_nested_or_flat_give_the_same_answer(client: TestClient, batch: tuple) -> None:
+    x = to_model_input(batch[0][:3])
+    flat = client.post(INFER, json={"inputs": [tensor(x)], "outputs": [{"name": "label"}, {"name": "backdoor"}]})
+    nested = client.post(INFER, json={"inputs": [{**tensor(x), "data": x.tolist()}], "outputs": [{"name": "label"}]})
+    assert flat.status_code == nested.status_code == 200, flat.text
+    body = flat.json()
+    assert body["model_name"] == NAME and [o["name"] for o in body["outputs"]] == ["label", "backdoor"]
+    assert body["outputs"][0] == {"name": "label", "datatype": "INT64", "shape": [3], "data": outputs(body)["label"]}
+    assert outputs(nested.json())["label"] == outputs(body)["label"]
+
+
+BAD = [
+    ({"inputs": []}, 400, "exactly one input"),
+    ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}, 400, "named"),
+    ({"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP16", "data": [0.0] * 784}]}, 400, "FP16"),
+    ({"inputs": [{"name": "images", "shape": [1, 3, 28, 28], "datatype": "FP32", "data": [0.0] * 2352}]}, 400,
+     "shape"),
+    ({"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 783}]}, 400,
+     "783 values"),
+    ({"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 783 + [1.5]}]}, 400,
+     "in [0, 1]"),
+    ({"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 783 + ["x"]}]}, 400,
+     "number"),
+    ({"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": [0] * 783 + [256]}]}, 400,
+     "0..255"),
+    ({"inputs": [{"name": "images", "shape": [65, 1, 28, 28], "datatype": "UINT8", "data": [0] * 65 * 784}]}, 413,
+     "at most 64"),
+    ({"inputs": [tensor(np.zeros((1, 1, 28, 28), np.float32))], "outputs": [{"name": "logits"}]}, 400, "no output"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("request_body", "status", "message"), BAD, ids=[m for _, _, m in BAD])
+def test_a_request_the_guard_cannot_trust_is_refused(
+    client: TestClient, request_body: dict, status: int, message: str
+) -> None:
+    response = client.post(INFER, json=request_body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_nan_binary_tensors_and_sizes_that_do_not_add_up_are_refused(client: TestClient) -> None:
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    x[1, 0, 3, 3] = np.nan
+    head = json.dumps({"inputs": [{"name": "images", "shape": [2, 1, 28, 28], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
+    headers = {"Inference-Header-Content-Length": str(len(head))}
+    response = client.post(INFER, content=head + x.tobytes(), headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["file_index"] == 1
+    response = client.post(INFER, content=head + x.tobytes()[:-4], headers=headers)
+    assert response.status_code == 400 and "binary_data_size" in response.json()["error"]["message"]
+    response = client.post(INFER, content=head, headers={"Inference-Header-Content-Length": "99999"})
+    assert response.status_code == 400
+
+
+def test_the_model_name_readiness_and_key_are_those_of_classify(batch: tuple) -> None:
+    body = {"inputs": [tensor(to_model_input(batch[0][:1]))]}
+    with TestClient(create_app(Settings(models_dir=MODELS, api_key="k"))) as c:
+        wait_ready(c)
+        assert c.post(INFER, json=body).status_code == 401
+        assert c.post(INFER, json=body, headers={"X-API-Key": "k"}).status_code == 200
+        assert c.post("/v2/models/other/infer", json=body, headers={"X-API-Key": "k"}).status_code == 404
+        assert c.get(f"/v2/models/{NAME}/ready").json() == {"name": NAME, "ready": True}
+        assert c.get("/v2/models/other/ready").status_code == 404
+        metrics = c.get("/metrics").text
+    assert 'route="/v2/models/{name}/infer",status="200"' in metrics
+
+
+def test_the_guard_off_answers_only_the_models_label(batch: tuple) -> None:
+    x = to_model_input(batch[0][:2])
+    with TestClient(create_app(Settings(models_dir=MODELS, signals="none"))) as c:
+        wait_ready(c)
+        body = c.post(INFER, json={"inputs": [tensor(x)]}).json()
+        assert set(outputs(body)) == {"label", "confidence", "original_label"}
+        refused = c.post(INFER, json={"inputs": [tensor(x)], "outputs": [{"name": "backdoor"}]})
+    assert refused.status_code == 400  # no verdict rather than a false one
