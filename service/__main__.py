@@ -92,7 +92,23 @@ def main(argv: list[str] | None = None) -> None:
     from service.demo_client import add_arguments
 
     add_arguments(demo)
+    scan = sub.add_parser(
+        "scan",
+        help="run the guard over a folder tree or an .npz (in this process, or through --url) and summarise",
+        description="Writes verdicts.csv, summary.json, summary.md and suspicious.png to --out. Exit status 1 when "
+        "a file could not be read (listed in the summary; never counted as clean).",
+    )
+    from service.scan import add_arguments as scan_arguments
+
+    scan_arguments(scan)
     args = parser.parse_args(argv)
+    if args.command == "scan":
+        from service.scan import run as run_scan
+
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        summary = run_scan(args, None if args.url else load_settings())
+        sys.stdout.write((args.out / "summary.md").read_text())
+        raise SystemExit(1 if summary["errors"] else 0)
     if args.command == "demo":
         from service.demo_client import run
 

@@ -33,6 +33,7 @@ from service.preprocess import Preprocessing, image_to_pixels
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 ACCEPTED = "a PNG, JPEG, WebP, BMP or GIF image"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # file names of FORMATS (folders of images)
 
 # What Pillow raises on hostile or broken bytes: open() turns some into UnidentifiedImageError (an OSError), but
 # decoders and chunk handlers running in load() let others through (IndexError from a short iCCP chunk, struct.error

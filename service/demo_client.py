@@ -57,11 +57,17 @@ def load_samples(folder: Path = SAMPLES_DIR) -> list[Sample]:
 
 def multipart(files: list[Sample]) -> tuple[bytes, str]:
     """The body and content type of a multipart/form-data upload with one `files` part per sample."""
+    return encode_files([(f.file, f.png) for f in files], "image/png")
+
+
+def encode_files(files: list[tuple[str, bytes]], content_type: str = "application/octet-stream") -> tuple[bytes, str]:
+    """(filename, bytes) pairs -> the body and content type of a /classify upload, one `files` part each."""
     boundary = uuid.uuid4().hex
     parts = []
-    for s in files:
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{s.file}"\r\n'
-        parts.append(head.encode() + b"Content-Type: image/png\r\n\r\n" + s.png + b"\r\n")
+    for name, data in files:
+        safe = name.replace("\\", "/").replace('"', "%22").replace("\r", "").replace("\n", "")
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{safe}"\r\n'
+        parts.append(head.encode() + f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 

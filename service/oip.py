@@ -24,8 +24,10 @@ from service.guard import GuardResult
 from service.preprocess import Preprocessing
 
 INPUT = "images"
-DATATYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1"), "INT64": np.dtype("<i8"), "FP64": np.dtype("<f8"),
-             "BOOL": np.dtype("?")}  # fmt: skip
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype("<f4"), "UINT8": np.dtype("u1"), "INT64": np.dtype("<i8"), "FP64": np.dtype("<f8"),
+    "BOOL": np.dtype("?"),
+}  # fmt: skip
 # Output name -> (datatype, description); the guard-off mode answers only PLAIN_OUTPUTS.
 OUTPUTS = {
     "label": ("INT64", "the label to trust: the model's, or for a flagged image the label policy's"),

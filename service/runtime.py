@@ -21,6 +21,21 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def pipeline_for(settings: Settings, bundle: Bundle) -> GuardPipeline:
+    """The guard as the settings ask for it (the service and `backdoor-guard scan` both run this one)."""
+    check_digest(bundle.digest, settings.bundle_sha256)  # here too, whatever loaded the bundle
+    pipeline: GuardPipeline
+    if settings.signals == "none":
+        log.warning("GUARD_SIGNALS=none: the guard is off; answers carry the model's label and no verdict")
+        return PlainPipeline(bundle.classify)
+    pipeline = build_pipeline(bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels)
+    if settings.fused_threshold is not None and pipeline.fusion is not None:
+        pipeline.fusion = replace(pipeline.fusion, threshold=settings.fused_threshold)
+    if pipeline.fusion is None:
+        raise ValueError(f"{bundle.root} is not calibrated: run `python -m training calibrate`")
+    return pipeline
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -39,17 +54,7 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings, bundle: Bundle) -> Runtime:
-        check_digest(bundle.digest, settings.bundle_sha256)  # here too, whatever loaded the bundle
-        pipeline: GuardPipeline
-        if settings.signals == "none":
-            pipeline = PlainPipeline(bundle.classify)
-            log.warning("GUARD_SIGNALS=none: the guard is off; answers carry the model's label and no verdict")
-        else:
-            pipeline = build_pipeline(bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels)
-            if settings.fused_threshold is not None and pipeline.fusion is not None:
-                pipeline.fusion = replace(pipeline.fusion, threshold=settings.fused_threshold)
-            if pipeline.fusion is None:
-                raise ValueError(f"{bundle.root} is not calibrated: run `python -m training calibrate`")
+        pipeline = pipeline_for(settings, bundle)
         metrics = Metrics([s.name for s in pipeline.signals])
         pipeline.on_stage = lambda stage, seconds: metrics.stage.labels(stage=stage).inc(seconds)
         batcher = MicroBatcher(

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from service.decode import IMAGE_SUFFIXES, decode  # the service's decoder: EXIF, 16-bit PNG, alpha
 from service.preprocess import COLOR_CHANNELS, Preprocessing, image_to_pixels
 
 FASHION_MNIST_CLASSES = (
@@ -191,7 +192,6 @@ def load_dataset(config: DataConfig) -> Dataset:
 
 
 # ---- a user's own data ------------------------------------------------------------------------------------------
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision's
 SPLIT_FOLDERS = {"train": "train", "val": "calibration", "test": "test"}  # ImageFolder split -> ours
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 MAX_PIXELS = 1 << 28  # a training image may be large; the service's own limit is for uploads
@@ -232,7 +232,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
     """torchvision's ImageFolder: class = folder name (sorted), images anywhere below it."""
-    from service.decode import decode  # the service's decoder: EXIF orientation, 16-bit PNG, alpha, corrupt files
+
 
     splits = {SPLIT_FOLDERS[d.name]: d for d in root.iterdir() if d.is_dir() and d.name in SPLIT_FOLDERS}
     if splits and "train" not in splits:
