@@ -121,7 +121,9 @@ def test_cli_parses_the_defense_and_hands_it_to_the_build(monkeypatch: pytest.Mo
     seen: list[object] = []
 
     class Recorder:
-        def __init__(self, config: BuildConfig, out: Path, work: Path, classifier: Path | None = None) -> None:
+        def __init__(
+            self, config: BuildConfig, out: Path, work: Path, classifier: Path | None = None, **_: object
+        ) -> None:
             seen.append(config)
             self.timings: dict[str, float] = {}
 
