@@ -233,7 +233,6 @@ def _image_files(folder: Path) -> list[Path]:
 def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
     """torchvision's ImageFolder: class = folder name (sorted), images anywhere below it."""
 
-
     splits = {SPLIT_FOLDERS[d.name]: d for d in root.iterdir() if d.is_dir() and d.name in SPLIT_FOLDERS}
     if splits and "train" not in splits:
         raise ValueError(f"{root}: has {sorted(d.name for d in splits.values())}/ but no train/ split folder")
