@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from service.preprocess import COLOR_CHANNELS, Preprocessing
+from service.preprocess import COLOR_CHANNELS, RESAMPLES, Preprocessing
 
 MANIFEST = "manifest.json"
 
@@ -319,7 +318,7 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         ("preprocessing.height", matches(height, "the ONNX models' input height")),
         ("preprocessing.width", matches(width_px, "the ONNX models' input width")),
         ("preprocessing.color", one_of(*(c for c, n in COLOR_CHANNELS.items() if n == channels))),
-        ("preprocessing.resample", one_of(*(r.lower() for r in Image.Resampling.__members__))),
+        ("preprocessing.resample", one_of(*RESAMPLES)),
         ("preprocessing.scale", real(0, open_lo=True)),
         ("preprocessing.layout", one_of("NCHW")),
         *(

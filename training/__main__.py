@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from service.preprocess import RESAMPLES
 from training.pipeline import STAGES, BuildConfig, Builder, smoke, with_seed
 
 
@@ -53,7 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--color", choices=["L", "RGB"], default=None, help="with --data: model input colour (default: the data's)"
     )
     p.add_argument(
-        "--resample", default="box", help="Pillow filter bringing other sizes to the input size (default box)"
+        "--resample",
+        default="unscale",
+        choices=RESAMPLES,
+        help="how other sizes come to the input size: unscale (undo an integer nearest or bilinear upscale, else box "
+        "area averaging; the default) or a Pillow filter",
     )
     p.add_argument(
         "--mean", type=_floats, default=(0.0,),

@@ -57,7 +57,7 @@ class DataConfig:
     # image has colour). Named datasets are 28x28 grayscale.
     size: tuple[int, int] | None = None  # (height, width)
     color: str | None = None  # "L" or "RGB"
-    resample: str = "box"  # Pillow filter that brings other sizes to the contract's (see Preprocessing)
+    resample: str = "unscale"  # how other sizes are brought to the contract's (see Preprocessing.resample)
     mean: tuple[float, ...] = (0.0,)  # the classifier's own normalisation (folded into its ONNX graph)
     std: tuple[float, ...] = (1.0,)
     test_share: float = 0.2  # a user's data without a test/ split: this share is the test set (seeded)
