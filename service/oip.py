@@ -169,21 +169,26 @@ def _outputs(request: dict[str, Any], known: set[str]) -> list[tuple[str, bool]]
     all_binary = params.get("binary_data_output", False) is True
     asked = request.get("outputs")
     if asked is None:
-        return [(name, all_binary) for name in sorted(known, key=_order)]
+        return [(name, all_binary) for name in sorted(known, key=output_order)]
     if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
         raise _fail("outputs must be a list of objects")
     out = []
     for o in asked:
         name = o.get("name")
         if name not in known:
-            raise _fail(f"no output {name!r}; this model gives {sorted(known, key=_order)}")
+            raise _fail(f"no output {name!r}; this model gives {sorted(known, key=output_order)}")
         binary = ((o.get("parameters") or {}).get("binary_data", all_binary)) is True
         out.append((name, binary))
     return out
 
 
-def _order(name: str) -> tuple[int, str]:
+def output_order(name: str) -> tuple[int, str]:
+    """OUTPUTS in their order, then the signals' scores by name."""
     return (list(OUTPUTS).index(name), "") if name in OUTPUTS else (len(OUTPUTS), name)
+
+
+def datatype_of(name: str) -> str:
+    return OUTPUTS[name][0] if name in OUTPUTS else "FP64"  # <signal>_score
 
 
 def output_names(signals: list[str], repaired: bool, guarded: bool) -> set[str]:

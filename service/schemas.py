@@ -86,8 +86,9 @@ class ModelMetadata(BaseModel):
     )
     platform: str = "onnxruntime"
     providers: list[str]
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
+    inputs: list[dict[str, Any]] = Field(description="POST /v2/models/{name}/infer's input: images [-1, C, H, W]")
+    outputs: list[dict[str, Any]] = Field(description="the tensors /v2/models/{name}/infer answers with")
+    classifier_outputs: list[dict[str, Any]] = Field(description="the classifier's own ONNX outputs")
     preprocessing: dict[str, Any]
     class_names: list[str]
     thresholds: dict[str, Any] = Field(description="per-signal thresholds and the fused one, as served")

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service import __version__
+from service import __version__, oip
 from service.errors import NotReady, UnknownModel, responses
-from service.runtime import RuntimeDep
+from service.runtime import Runtime, RuntimeDep
 from service.schemas import Health, ModelMetadata, ServerMetadata
 
 router = APIRouter(prefix="/v2")
@@ -52,6 +52,12 @@ def _served_thresholds(runtime: RuntimeDep) -> dict[str, Any]:
     return out
 
 
+def oip_outputs(runtime: Runtime) -> set[str]:
+    """The tensors /v2/models/{name}/infer answers with, for this bundle and setting."""
+    signals = [s.name for s in runtime.pipeline.signals] if runtime.guarded else []
+    return oip.output_names(signals, "repaired_classifier" in runtime.bundle.sessions, runtime.guarded)
+
+
 @router.get(
     "/models/{name}",
     response_model=ModelMetadata,
@@ -69,8 +75,19 @@ async def model_metadata(name: str, runtime: RuntimeDep) -> ModelMetadata:
         sha256=classifier["sha256"],
         bundle_sha256=runtime.bundle.digest,
         providers=runtime.bundle.sessions["classifier"].get_providers(),
-        inputs=classifier["inputs"],
-        outputs=classifier["outputs"],
+        inputs=[
+            {
+                "name": oip.INPUT,
+                "datatype": "FP32",
+                "shape": [-1, *runtime.bundle.preprocessing.chw],
+                "dtype": "float32",  # as the classifier's ONNX input says it; UINT8 is accepted too
+            }
+        ],
+        outputs=[
+            {"name": name, "datatype": oip.datatype_of(name), "shape": [-1]}
+            for name in sorted(oip_outputs(runtime), key=oip.output_order)
+        ],
+        classifier_outputs=classifier["outputs"],
         preprocessing=manifest["preprocessing"],
         class_names=manifest["class_names"],
         thresholds=_served_thresholds(runtime),

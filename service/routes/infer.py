@@ -31,6 +31,7 @@ from service.errors import (
     responses,
 )
 from service.routes.classify import check_key
+from service.routes.health import oip_outputs
 from service.runtime import Runtime, RuntimeDep
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,7 @@ async def infer(
         raise WrongContentType(f"Content-Encoding {encoding!r}: send the request uncompressed")
     body = await read_body(request, body_limit(runtime), runtime.settings.body_timeout_s)
     head, binary = oip.split_body(body, inference_header_content_length)
-    signals = [s.name for s in runtime.pipeline.signals] if runtime.guarded else []
-    known = oip.output_names(signals, "repaired_classifier" in runtime.bundle.sessions, runtime.guarded)
+    known = oip_outputs(runtime)
     parsed = oip.parse_request(head, binary, runtime.bundle.preprocessing, runtime.settings.max_files, known)
     with runtime.batcher.admission(len(parsed.images)):
         runtime.metrics.queue.set(runtime.batcher.pending)

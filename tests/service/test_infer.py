@@ -151,3 +151,12 @@ def test_the_guard_off_answers_only_the_models_label(batch: tuple) -> None:
         assert set(outputs(body)) == {"label", "confidence", "original_label"}
         refused = c.post(INFER, json={"inputs": [tensor(x)], "outputs": [{"name": "backdoor"}]})
     assert refused.status_code == 400  # no verdict rather than a false one
+
+
+def test_model_metadata_describes_the_infer_tensors(client: TestClient, batch: tuple) -> None:
+    meta = client.get(f"/v2/models/{NAME}").json()
+    assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 28, 28], "dtype": "float32"}]
+    body = client.post(INFER, json={"inputs": [tensor(to_model_input(batch[0][:2]))]}).json()
+    answered = [(o["name"], o["datatype"]) for o in body["outputs"]]
+    assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == answered  # the same tensors, in the same order
+    assert [o["name"] for o in meta["classifier_outputs"]] == ["logits", "features"]
