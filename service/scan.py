@@ -168,7 +168,7 @@ def _post(url: str, files: list[tuple[str, bytes]], api_key: str | None, timeout
 
 
 def _remote_rows(url: str, chunk: list[Item], api_key: str | None, timeout: float, retries: int = 20) -> list[Row]:
-    """One request for a chunk; a file the service refuses (400) is isolated by sending the chunk one by one;
+    """One request for a chunk; a file the service refuses (400, 413) is isolated by sending the chunk one by one;
     a busy service (503) is retried after its Retry-After."""
     for _ in range(retries):
         try:
@@ -178,10 +178,11 @@ def _remote_rows(url: str, chunk: list[Item], api_key: str | None, timeout: floa
             if err.code == 503:
                 time.sleep(float(err.headers.get("Retry-After") or 1))
                 continue
-            if err.code == 400 and len(chunk) > 1:
+            refused = err.code in (400, 413)  # a file it cannot read, or one over its limits
+            if refused and len(chunk) > 1:
                 return [row for item in chunk for row in _remote_rows(url, [item], api_key, timeout, retries)]
             message = json.loads(err.read() or b"{}").get("error", {}).get("message", str(err))
-            if err.code == 400:
+            if refused:
                 return [_error_row(chunk[0], message)]
             raise RuntimeError(f"{url}/classify answered {err.code}: {message}") from None
     raise RuntimeError(f"{url}/classify stayed busy (503) for {retries} tries")

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from service.decode import IMAGE_SUFFIXES, decode  # the service's decoder: EXIF, 16-bit PNG, alpha
+from service.errors import GuardError
 from service.preprocess import COLOR_CHANNELS, Preprocessing, image_to_pixels
 
 FASHION_MNIST_CLASSES = (
@@ -250,13 +251,22 @@ def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
     colour = False
     for split_files in files.values():  # headers only: the size and the mode, no pixels decoded
         for f, _ in split_files:
-            with Image.open(f) as im:
-                sizes[(im.height, im.width)] += 1
-                colour = colour or im.mode not in GRAY_MODES
+            try:
+                with Image.open(f) as im:
+                    sizes[(im.height, im.width)] += 1
+                    colour = colour or im.mode not in GRAY_MODES
+            except OSError as err:  # Pillow's UnidentifiedImageError is one
+                raise ValueError(f"{f}: cannot be read as an image ({err}); remove it or fix it") from err
     contract = _contract(config, sizes, colour)
 
+    def one(f: Path, i: int) -> np.ndarray:
+        try:
+            return decode(f.read_bytes(), i, f.name, contract, MAX_PIXELS)
+        except GuardError as err:  # the service's refusal (corrupt, truncated, too large): name the file
+            raise ValueError(f"{f}: {err.message}") from err
+
     def read(items: list[tuple[Path, int]]) -> Split:
-        pixels = [decode(f.read_bytes(), i, f.name, contract, MAX_PIXELS) for i, (f, _) in enumerate(items)]
+        pixels = [one(f, i) for i, (f, _) in enumerate(items)]
         empty = np.zeros((0, *contract.pixel_shape), np.uint8)
         return Split(np.stack(pixels) if pixels else empty, np.array([y for _, y in items], np.int64))
 

@@ -108,6 +108,13 @@ def test_an_image_folder_without_splits_is_split_seeded_and_fixed(tmp_path: Path
     )
 
 
+def test_a_file_that_is_not_an_image_is_named_not_skipped(tmp_path: Path) -> None:
+    write_folder(tmp_path, np.zeros((4, 6, 6), np.uint8), np.array([0, 0, 1, 1]), ["a", "b"])
+    (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match=r"broken\.png"):
+        load_dataset(DataConfig(dataset="path", path=str(tmp_path)))
+
+
 def test_an_image_folder_with_splits_keeps_them_and_resizes_odd_ones(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     for split, n in (("train", 12), ("val", 6), ("test", 4)):
