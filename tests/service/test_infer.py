@@ -160,3 +160,28 @@ def test_model_metadata_describes_the_infer_tensors(client: TestClient, batch: t
     answered = [(o["name"], o["datatype"]) for o in body["outputs"]]
     assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == answered  # the same tensors, in the same order
     assert [o["name"] for o in meta["classifier_outputs"]] == ["logits", "features"]
+
+
+def test_kserves_rest_client_gets_the_same_answers(live: LiveService, client: TestClient, batch: tuple) -> None:
+    import asyncio
+
+    from kserve import InferenceRESTClient, InferInput, InferRequest
+    from kserve.inference_client import RESTConfig
+
+    pixels, _ = batch
+    answers = client.post("/classify", files=files(*(png(p) for p in pixels))).json()["results"]
+    x = to_model_input(pixels)
+
+    async def ask() -> object:
+        kserve_client = InferenceRESTClient(RESTConfig(protocol="v2", retries=1))
+        try:
+            request = InferRequest(NAME, [InferInput("images", list(x.shape), "FP32", data=x)])
+            return await kserve_client.infer(live.url, request, model_name=NAME)
+        finally:
+            await kserve_client.close()
+
+    response = asyncio.run(ask())
+    label = response.get_output_by_name("label").as_numpy()  # type: ignore[attr-defined]
+    backdoor = response.get_output_by_name("backdoor").as_numpy()  # type: ignore[attr-defined]
+    assert label.tolist() == [r["label"] for r in answers]
+    assert backdoor.tolist() == [r["backdoor"] for r in answers]
