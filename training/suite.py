@@ -78,10 +78,16 @@ def stage_key(config: BuildConfig, stage: str) -> str:
     parts = to_jsonable(
         {part: getattr(config, part) if part != "attack" else config.attack_config for part in CACHED[stage]}
     )
-    if "data" in parts:  # fields added for a user's own data count only when set: older keys stay valid
-        defaults = to_jsonable(DataConfig())
-        parts["data"] = {k: v for k, v in parts["data"].items() if k in DATA_KEY_FIELDS or v != defaults[k]}
+    if "data" in parts:
+        parts["data"] = data_key(config.data)
     return json.dumps(parts, sort_keys=True)
+
+
+def data_key(data: DataConfig) -> dict[str, Any]:
+    """DataConfig in a cache key: the fields added for a user's own data count only when set, so that keys kept
+    before them stay valid."""
+    defaults, values = to_jsonable(DataConfig()), to_jsonable(data)
+    return {k: v for k, v in values.items() if k in DATA_KEY_FIELDS or v != defaults[k]}
 
 
 def train(name: str, root: Path = EVAL_ROOT, data: DataConfig | None = None, stages: tuple[str, ...] = ()) -> Builder:
@@ -296,8 +302,8 @@ def abl_comparison(pixels: np.ndarray, labels: np.ndarray, shipped: Path, root: 
         if name == "kwon":  # the shipped model's own recipe (15 epochs)
             config = replace(config, classifier=ClassifierConfig())
         work = root / "abl" / name
-        want = json.dumps(to_jsonable({k: getattr(config, k) for k in ("data", "classifier", "abl")}
-                                      | {"attack": config.attack_config}), sort_keys=True)  # fmt: skip
+        parts = to_jsonable({k: getattr(config, k) for k in ("classifier", "abl")} | {"attack": config.attack_config})
+        want = json.dumps(parts | {"data": data_key(config.data)}, sort_keys=True)
         stamp = work / "classifier.key.json"
         if not (stamp.is_file() and stamp.read_text() == want):
             work.mkdir(parents=True, exist_ok=True)
