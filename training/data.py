@@ -233,7 +233,6 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
     """torchvision's ImageFolder: class = folder name (sorted), images anywhere below it."""
-
     splits = {SPLIT_FOLDERS[d.name]: d for d in root.iterdir() if d.is_dir() and d.name in SPLIT_FOLDERS}
     if splits and "train" not in splits:
         raise ValueError(f"{root}: has {sorted(d.name for d in splits.values())}/ but no train/ split folder")
@@ -308,17 +307,17 @@ def _load_npz(path: Path, config: DataConfig) -> Dataset:
     names = tuple(str(n) for n in data["class_names"]) if "class_names" in data else tuple(map(str, range(n_classes)))
     if len(names) < n_classes:
         raise ValueError(f"{path}: {len(names)} class_names for labels up to {n_classes - 1}")
-    sizes = Counter({(x.shape[1], x.shape[2]): len(x) for x, _ in raw.values()})
+    sizes: Counter[tuple[int, int]] = Counter()
+    for x, _ in raw.values():
+        sizes[(x.shape[1], x.shape[2])] += len(x)
     contract = _contract(config, sizes, any(x.shape[-1] == 3 for x, _ in raw.values()))
 
     def fit(x: np.ndarray) -> np.ndarray:
         """NHWC uint8 -> the contract's pixels; images of another size or colour go through image_to_pixels."""
         if x.shape[1:3] == (contract.height, contract.width) and x.shape[-1] == contract.channels:
             return x[..., 0] if contract.channels == 1 else x
-        mode = "L" if x.shape[-1] == 1 else "RGB"
-        return np.stack(
-            [image_to_pixels(Image.fromarray(im[..., 0] if mode == "L" else im, mode), contract) for im in x]
-        )
+        gray = x.shape[-1] == 1
+        return np.stack([image_to_pixels(Image.fromarray(im[..., 0] if gray else im), contract) for im in x])
 
     arrays = {split: Split(fit(x), y) for split, (x, y) in raw.items()}
     return _split(path.stem, arrays, names, contract, config)

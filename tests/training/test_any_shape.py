@@ -159,6 +159,8 @@ def test_an_npz_in_nchw_or_nhwc_gives_the_same_dataset(tmp_path: Path) -> None:
     assert a.contract.chw == (3, 9, 7)
     np.testing.assert_array_equal(a.train.images, b.train.images)
     np.testing.assert_array_equal(a.test.labels, b.test.labels)
+    resized = load_dataset(DataConfig(dataset="path", path=str(tmp_path / "nhwc.npz"), size=(18, 14), color="L"))
+    assert resized.train.images.shape[1:] == (18, 14) and resized.contract.chw == (1, 18, 14)
     np.savez(tmp_path / "bad.npz", x=x.astype(np.float32), y=y)
     with pytest.raises(ValueError, match="uint8"):
         load_dataset(DataConfig(dataset="path", path=str(tmp_path / "bad.npz")))
