@@ -65,14 +65,26 @@ def check_key(runtime: Runtime, given: str | None) -> None:
         raise Unauthorized("missing or wrong X-API-Key header")
 
 
-def _admit(request: Request, runtime: Runtime, x_api_key: str | None) -> UploadLimits:
-    """Everything that can be refused before a byte of the body is read: key, readiness, queue, declared size."""
+def admit(runtime: Runtime, x_api_key: str | None) -> None:
+    """What refuses any guarded request before its body is read (/classify and /infer): key, readiness, queue."""
     check_key(runtime, x_api_key)
     if not runtime.ready:
         raise NotReady(runtime.warmup_error or "warming up; retry shortly", headers={"Retry-After": "1"})
-    s = runtime.settings
     if runtime.batcher.full:
         raise runtime.batcher.overloaded()
+
+
+def counted(runtime: Runtime, result: GuardResult) -> GuardResult:
+    """A request's result, once it left the batcher: the queue gauge and the verdict counters."""
+    runtime.metrics.queue.set(runtime.batcher.pending)
+    runtime.metrics.observe_result(result)
+    return result
+
+
+def _admit(request: Request, runtime: Runtime, x_api_key: str | None) -> UploadLimits:
+    """Everything that can be refused before a byte of the body is read: key, readiness, queue, declared size."""
+    admit(runtime, x_api_key)
+    s = runtime.settings
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
         raise WrongContentType("send multipart/form-data with one or more file parts named `files`")
     limits = UploadLimits(s.max_files, s.max_file_bytes, s.body_timeout_s)
@@ -177,8 +189,7 @@ async def classify(
         runtime.metrics.decode.observe(time.perf_counter() - start)
         runtime.metrics.queue.set(runtime.batcher.pending)
         result = await runtime.batcher.guard(images)
-    runtime.metrics.queue.set(runtime.batcher.pending)
-    runtime.metrics.observe_result(result)
+    counted(runtime, result)
     names = [name for name, _ in uploads]
     with_images = "restored" in (include or [])
     manifest = runtime.bundle.manifest

@@ -30,7 +30,7 @@ from service.errors import (
     WrongContentType,
     responses,
 )
-from service.routes.classify import check_key
+from service.routes.classify import admit, counted
 from service.routes.health import oip_outputs
 from service.runtime import Runtime, RuntimeDep
 
@@ -115,12 +115,8 @@ async def infer(
         str | None, Header(description="binary tensors: the length of the JSON part of the body")
     ] = None,
 ) -> Response:
-    check_key(runtime, x_api_key)
+    admit(runtime, x_api_key)
     model = _model(runtime, name)
-    if not runtime.ready:
-        raise NotReady(runtime.warmup_error or "warming up; retry shortly", headers={"Retry-After": "1"})
-    if runtime.batcher.full:
-        raise runtime.batcher.overloaded()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise WrongContentType(f"Content-Encoding {encoding!r}: send the request uncompressed")
@@ -131,8 +127,7 @@ async def infer(
     with runtime.batcher.admission(len(parsed.images)):
         runtime.metrics.queue.set(runtime.batcher.pending)
         result = await runtime.batcher.guard(parsed.images)
-    runtime.metrics.queue.set(runtime.batcher.pending)
-    runtime.metrics.observe_result(result)
+    counted(runtime, result)
     content, json_length = oip.encode_response(model, parsed, result, runtime.guarded)
     headers = {"Inference-Header-Content-Length": str(json_length)} if json_length is not None else None
     media = "application/octet-stream" if json_length is not None else "application/json"
