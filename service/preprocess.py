@@ -81,7 +81,9 @@ COLOR_CHANNELS = {"L": 1, "RGB": 3}
 UNSCALE = "unscale"
 RESAMPLES = (UNSCALE, *(r.lower() for r in Image.Resampling.__members__))
 UNSCALE_FACTORS = range(2, 9)  # integer upscales that "unscale" tries to undo
-UNSCALE_MAX_PIXELS = 1 << 22  # larger uploads go straight to box: the check costs a few full-size float copies
+# Multiply-adds unscale may spend on one upload (bands x H x W x (h + w), twice: the solve and the check): about
+# 20 ms on one core here at the cap. A 28x28 input never reaches it (8x: 3 M); a 224x224 one does past 2x.
+UNSCALE_MAX_WORK = 1 << 27
 # Largest difference, in 8-bit levels, between the upload and the bilinear upscale of what unscale recovers. The
 # upscaler rounds each sample (0.5 at most) and a colour upload taken to gray rounds again: measured on 200 colour
 # images made of Fashion-MNIST test images, Pillow's bilinear 2x and 3x upscales fit within 1.05 (1.17 taken to
@@ -105,11 +107,11 @@ def unscale(levels: np.ndarray, factors: tuple[int, int]) -> np.ndarray | None:
     uy, py = _bilinear(height // ky, ky)
     ux, px = _bilinear(width // kx, kx)
     x = levels.astype(np.float64)
-    small = np.einsum("ih,hw...,jw->ij...", py, x, px)
-    again = np.einsum("hi,ij...,wj->hw...", uy, small, ux)
-    if np.abs(again - x).max() > UNSCALE_TOLERANCE:
+    planes = x[None] if x.ndim == 2 else np.moveaxis(x, -1, 0)  # (C, H, W): two matrix products per plane (BLAS)
+    small = py @ planes @ px.T
+    if np.abs(uy @ small @ ux.T - planes).max() > UNSCALE_TOLERANCE:
         return None
-    return small
+    return small[0] if x.ndim == 2 else np.moveaxis(small, 0, -1)
 
 
 def to_model_input(pixels: np.ndarray, contract: Preprocessing = Preprocessing()) -> np.ndarray:
@@ -167,7 +169,7 @@ def _unscaled(im: Image.Image, size: tuple[int, int]) -> Image.Image | None:
     ky, kx = im.height // size[1], im.width // size[0]
     if im.mode not in UNSCALE_MODES or ky not in UNSCALE_FACTORS or kx not in UNSCALE_FACTORS:
         return None
-    if im.width * im.height > UNSCALE_MAX_PIXELS:
+    if len(im.getbands()) * im.width * im.height * (size[0] + size[1]) > UNSCALE_MAX_WORK:
         return None
     levels = np.asarray(im)
     blocks = levels.reshape(size[1], ky, size[0], kx, *levels.shape[2:])
