@@ -38,7 +38,6 @@ data:
 system-deps: data
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { echo "installing Debian's prometheus"; $(APT) prometheus; }
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "installing Debian's chromium"; $(APT) chromium chromium-driver; }
-	@command -v kubectl >/dev/null || { echo "installing Debian's kubectl (kubernetes-client)"; $(APT) kubernetes-client; }
 
 # The service needs only the `serve` extra: no torch at serve time.
 serve: $(VENV)/.serve-installed

@@ -27,7 +27,7 @@ BUNDLE_DIGEST = hashlib.sha256((MODELS / "manifest.json").read_bytes()).hexdiges
 def render(overlay: str) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("kubectl not found: `make test` installs it (Debian's kubernetes-client) when missing")
+        pytest.fail("kubectl not found: install kubectl >= 1.21 (kustomize v4+ syntax; Debian's 1.20 is too old)")
     out = subprocess.run([kubectl, "kustomize", str(K8S / overlay)], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
