@@ -25,7 +25,9 @@ class Preprocessing:
     color: str = "L"
     # How an upload that is not height x width is brought to it. "unscale": an upload that is an integer multiple
     # (2x to 8x) of height x width and is exactly a nearest-neighbour or a bilinear upscale of some image (as
-    # Pillow, OpenCV and torch's align_corners=False make them) gets that image back, to within 8-bit rounding;
+    # Pillow makes them; torch's interpolate with align_corners=False gives the same within 1 level and comes back
+    # too, tested; OpenCV uses the same half-pixel weights, not tested here) gets that image back, to within
+    # 8-bit rounding;
     # any other goes through "box" (see `unscale`). "box": area averaging where the upload is an integer multiple,
     # which undoes a nearest-neighbour upscale exactly but leaves a bilinear one blurred. At fractional ratios both
     # fall back to bilinear (anti-aliased): Pillow's box weights are not mirror-symmetric there, so an EXIF-rotated

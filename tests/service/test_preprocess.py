@@ -114,3 +114,14 @@ def test_an_exif_rotated_bilinear_upscale_equals_its_upright_twin() -> None:
     stored = sent.transpose(Image.Transpose.ROTATE_90)  # as a camera stores it; EXIF says rotate back
     back = image_to_pixels(stored, transpose=Image.Transpose.ROTATE_270)
     np.testing.assert_array_equal(back, upright)
+
+
+def test_a_torch_bilinear_upscale_comes_back_too() -> None:
+    """torch's interpolate (align_corners=False), what a PyTorch pipeline upscales with."""
+    import torch  # the training extra, which make test installs; the service itself has no torch
+    for pixels in garments(5):
+        up = torch.nn.functional.interpolate(
+            torch.from_numpy(pixels.astype(np.float32))[None, None], scale_factor=2, mode="bilinear"
+        )
+        sent = Image.fromarray(np.clip(np.rint(up[0, 0].numpy()), 0, 255).astype(np.uint8))
+        assert np.abs(image_to_pixels(sent).astype(int) - pixels).max() <= 2
