@@ -59,6 +59,9 @@ def upload_body(max_files: int) -> dict[str, Any]:
 UPLOAD_BODY = upload_body(Settings.model_fields["max_files"].default)
 
 
+ApiKey = Annotated[str | None, Header(description="required when GUARD_API_KEY is set")]  # the X-API-Key header
+
+
 def check_key(runtime: Runtime, given: str | None) -> None:
     expected = runtime.settings.api_key
     if expected is not None and not hmac.compare_digest((given or "").encode(), expected.get_secret_value().encode()):
@@ -169,7 +172,7 @@ async def classify(
     include: Annotated[
         list[Literal["restored"]] | None, Query(description="`restored`: add the de-triggered image (base64 PNG)")
     ] = None,
-    x_api_key: Annotated[str | None, Header(description="required when GUARD_API_KEY is set")] = None,
+    x_api_key: ApiKey = None,
 ) -> Response:
     try:
         limits = _admit(request, runtime, x_api_key)

@@ -30,7 +30,7 @@ from service.errors import (
     WrongContentType,
     responses,
 )
-from service.routes.classify import admit, counted
+from service.routes.classify import ApiKey, admit, counted
 from service.routes.health import oip_outputs
 from service.runtime import Runtime, RuntimeDep
 
@@ -110,7 +110,7 @@ async def infer(
     name: str,
     request: Request,
     runtime: RuntimeDep,
-    x_api_key: Annotated[str | None, Header(description="required when GUARD_API_KEY is set")] = None,
+    x_api_key: ApiKey = None,
     inference_header_content_length: Annotated[
         str | None, Header(description="binary tensors: the length of the JSON part of the body")
     ] = None,

@@ -119,6 +119,7 @@ def test_an_exif_rotated_bilinear_upscale_equals_its_upright_twin() -> None:
 def test_a_torch_bilinear_upscale_comes_back_too() -> None:
     """torch's interpolate (align_corners=False), what a PyTorch pipeline upscales with."""
     import torch  # the training extra, which make test installs; the service itself has no torch
+
     for pixels in garments(5):
         up = torch.nn.functional.interpolate(
             torch.from_numpy(pixels.astype(np.float32))[None, None], scale_factor=2, mode="bilinear"
