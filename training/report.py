@@ -158,10 +158,11 @@ def render_defender(manifest: dict[str, Any]) -> str:
     lines = [
         f"# Guard bundle `{manifest['name']}`",
         "",
-        f"Built by `{manifest['build']['command']}` for a model trained elsewhere; every figure below was measured",
-        f"by `{m.get('command', manifest['build']['command'])}` with ONNX Runtime through the service's own guard",
-        f"pipeline on the test split of {manifest['dataset']} ({m['images']['clean']} images). Which trigger, if",
-        "any, the model carries is not known here: the figures are what a defender can measure.",
+        f"Built by `{manifest['build']['command']}` for a model trained elsewhere. Every figure below was measured "
+        f"by `{m.get('command', manifest['build']['command'])}` with ONNX Runtime through the service's own guard "
+        f"pipeline on the test split of {manifest['dataset']} ({m['images']['clean']} images).",
+        "",
+        "Which trigger, if any, the model carries is not known here: the figures are what a defender can measure.",
         "",
         "## On clean data",
         "",
