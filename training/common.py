@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, is_dataclass
@@ -80,6 +81,13 @@ def save_checkpoint(path: Path, model: nn.Module, arch: str, config: Any, **extr
     meta = {"arch": arch, "config": to_jsonable(config), **to_jsonable(extra)}
     torch.save({"meta": meta, "state_dict": model.state_dict()}, path)
     write_json(path.with_suffix(".json"), meta)
+
+
+def copy_checkpoint(source: Path, dest: Path) -> None:
+    """A checkpoint and, where there is one, its .json config beside it (a user's .pt2 may have none)."""
+    shutil.copyfile(source, dest)
+    if source.with_suffix(".json").is_file():
+        shutil.copyfile(source.with_suffix(".json"), dest.with_suffix(".json"))
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from service.bundle import MANIFEST, sha256_file
-from training.common import write_json
+from training.common import copy_checkpoint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +121,7 @@ def copy_checkpoints(folder: Path, sources: dict[str, Path]) -> dict[str, dict[s
     entries = {}
     for name, src in sources.items():
         dst = folder / f"{name}{src.suffix}"
-        shutil.copyfile(src, dst)
-        if src.with_suffix(".json").is_file():
-            shutil.copyfile(src.with_suffix(".json"), dst.with_suffix(".json"))
+        copy_checkpoint(src, dst)
         entries[name] = {"path": f"{folder.name}/{dst.name}", "sha256": sha256_file(dst)}
     return entries
 

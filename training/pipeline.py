@@ -7,10 +7,9 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +34,7 @@ from training.autoencoders import (
 )
 from training.calibration import CalibrationConfig, calibrate, repair_indices, split_calibration
 from training.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier, unwrap
-from training.common import load_checkpoint, predict, save_checkpoint, to_jsonable, write_json
+from training.common import copy_checkpoint, load_checkpoint, predict, save_checkpoint, to_jsonable, write_json
 from training.data import DataConfig, Dataset, load_dataset
 from training.expert import ExpertConfig, train_expert
 from training.export import (
@@ -111,12 +110,6 @@ class BuildConfig:
         if self.attack not in PRESETS:
             raise ValueError(f"unknown attack preset {self.attack!r}; choose from {sorted(PRESETS)}")
         return PRESETS[self.attack]
-
-
-def _copy_checkpoint(source: Path, dest: Path) -> None:
-    """A checkpoint and its .json config beside it."""
-    shutil.copyfile(source, dest)
-    shutil.copyfile(source.with_suffix(".json"), dest.with_suffix(".json"))
 
 
 def smoke(config: BuildConfig) -> BuildConfig:
@@ -208,11 +201,14 @@ class Builder:
     def data_digest(self) -> str:
         """SHA-256 of what the autoencoders learn from: the contract and the training split's pixels."""
         digest = hashlib.sha256(json.dumps(self.contract.to_dict(), sort_keys=True).encode())
-        digest.update(np.ascontiguousarray(self.dataset.train.images).tobytes())
+        digest.update(np.ascontiguousarray(self.dataset.train.images).data)  # the buffer, not a bytes copy
         return digest.hexdigest()
 
-    def _autoencoder(self, stage: str, config: MaskedAEConfig | DetriggerConfig) -> None:
-        """Train, or take from --reuse-from, or from the cache, the autoencoder of `stage`."""
+    def _autoencoder(
+        self, stage: str, config: MaskedAEConfig | DetriggerConfig, train: Callable[..., torch.nn.Module]
+    ) -> None:
+        """Take from --reuse-from, or from the cache, or train (`train(x_train, config)`) the autoencoder of
+        `stage`."""
         name = AUTOENCODERS[stage]
         path = self.work / f"{name}.pt"
         self.work.mkdir(parents=True, exist_ok=True)
@@ -222,17 +218,13 @@ class Builder:
         key = hashlib.sha256(json.dumps([self.data_digest, name, to_jsonable(config)]).encode()).hexdigest()
         cached = self.cache / key[:24] / path.name
         if cached.is_file() and cached.with_suffix(".json").is_file():
-            _copy_checkpoint(cached, path)
+            copy_checkpoint(cached, path)
             log.info("%s: reused %s (same training images and config)", name, cached)
             return
-        model = (
-            train_masked(self.x_train, config)
-            if isinstance(config, MaskedAEConfig)
-            else train_detrigger(self.x_train, config)
-        )
+        model = train(self.x_train, config)
         save_checkpoint(path, model, stage, config, input_shape=list(self.contract.chw), data_digest=self.data_digest)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        _copy_checkpoint(path, cached)
+        copy_checkpoint(path, cached)
 
     def _take_from_bundle(self, name: str, path: Path) -> None:
         """An autoencoder from the bundle at reuse_from: refused unless its file is the one its manifest lists,
@@ -258,7 +250,7 @@ class Builder:
         if recorded is None:
             log.warning("--reuse-from %s: %s records no data digest (built before digests); trusting that it was "
                         "trained on this data", root, name)  # fmt: skip
-        _copy_checkpoint(source, path)
+        copy_checkpoint(source, path)
         log.info("%s: taken from %s", name, root)
 
     @property
@@ -304,10 +296,10 @@ class Builder:
         self._train_classifier(self.config.attack_config, self.classifier_path)
 
     def stage_masked_ae(self) -> None:
-        self._autoencoder("masked-ae", self.config.masked_ae)
+        self._autoencoder("masked-ae", self.config.masked_ae, train_masked)
 
     def stage_detrigger_ae(self) -> None:
-        self._autoencoder("detrigger-ae", self.config.detrigger)
+        self._autoencoder("detrigger-ae", self.config.detrigger, train_detrigger)
 
     def _neural_cleanse(self, classifier: Path) -> NeuralCleanseResult:
         model = self.load_classifier(classifier)
