@@ -129,6 +129,20 @@ def to_model_input(pixels: np.ndarray, contract: Preprocessing = Preprocessing()
     return x[:, None] if contract.channels == 1 else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def nhwc(x: np.ndarray, what: str) -> np.ndarray:
+    """A dataset's uint8 images as an .npz keeps them, NHW, NHWC or NCHW (C = 1 or 3) -> NHWC (training's loader
+    and `backdoor-guard scan` read .npz files with it)."""
+    if x.dtype != np.uint8:
+        raise ValueError(f"{what}: images must be uint8 (0..255), got {x.dtype}")
+    if x.ndim == 3:
+        return x[..., None]
+    if x.ndim == 4 and x.shape[-1] in (1, 3):
+        return x
+    if x.ndim == 4 and x.shape[1] in (1, 3):
+        return x.transpose(0, 2, 3, 1)
+    raise ValueError(f"{what}: images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3, got {x.shape}")
+
+
 def to_pixels(images: np.ndarray, contract: Preprocessing = Preprocessing()) -> np.ndarray:
     """The inverse of to_model_input: float32 (N, C, H, W) in [0, 1] -> uint8 (N, H, W) or (N, H, W, 3), rounded."""
     levels = np.clip(np.rint(np.asarray(images, np.float32) / np.float32(contract.scale)), 0, 255).astype(np.uint8)

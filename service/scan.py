@@ -31,15 +31,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from service.decode import IMAGE_SUFFIXES, decode
 from service.errors import GuardError
-from service.preprocess import Preprocessing, to_model_input
+from service.preprocess import Preprocessing, nhwc, to_model_input
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.bundle import Bundle
+    from service.guard import GuardPipeline
 
 MAX_PIXELS = 1 << 28  # a dataset's images may be large; the service's own limit is for uploads
 CHUNK = 256  # images per in-process guard call
@@ -68,15 +72,8 @@ def collect(path: Path) -> tuple[list[Item], list[str]]:
             data = {k: f[k] for k in f.files}
         if "x" not in data:
             raise ValueError(f"{path}: needs an array x (images), has {sorted(data)}")
-        x = data["x"]
-        if x.dtype != np.uint8 or x.ndim not in (3, 4):
-            raise ValueError(
-                f"{path}: x must be uint8 (N, H, W), (N, H, W, C) or (N, C, H, W), got {x.dtype} {x.shape}"
-            )
-        if x.ndim == 4 and x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
-            x = x.transpose(0, 2, 3, 1)
-        if x.ndim == 4 and x.shape[-1] == 1:
-            x = x[..., 0]
+        x = nhwc(data["x"], f"{path}:x")
+        x = x[..., 0] if x.shape[-1] == 1 else x  # as Pillow takes gray
         y = data.get("y")
         names = [str(n) for n in data["class_names"]] if "class_names" in data else None
 
@@ -110,9 +107,8 @@ def _error_row(item: Item, message: str) -> Row:
     return {"path": item.path, "folder": item.folder, "given_class": item.given, "error": message}
 
 
-def scan_local(items: list[Item], settings: Settings) -> Iterator[Row]:
-    """The guard in this process, on the bundle and with the settings the service would use; one row per item,
-    in order."""
+def local_guard(settings: Settings) -> tuple[Bundle, GuardPipeline]:
+    """The bundle and the guard the service would run with these settings."""
     from service.bundle import Bundle
     from service.guard import PlainPipeline
     from service.runtime import pipeline_for
@@ -121,6 +117,11 @@ def scan_local(items: list[Item], settings: Settings) -> Iterator[Row]:
     guard = pipeline_for(settings, bundle)
     if isinstance(guard, PlainPipeline):
         raise SystemExit("scan needs the guard on: unset GUARD_SIGNALS=none")
+    return bundle, guard
+
+
+def scan_local(items: list[Item], bundle: Bundle, guard: GuardPipeline) -> Iterator[Row]:
+    """The guard in this process; one row per item, in order."""
     classes, contract = bundle.class_names, bundle.preprocessing
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]
@@ -374,10 +375,9 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> dict[str,
     else:
         if settings is None:
             raise ValueError("an in-process scan needs the service's settings (GUARD_MODELS_DIR)")
-        from service.bundle import read_manifest
-
-        contract = Preprocessing(**read_manifest(settings.models_dir)["preprocessing"])
-        stream = scan_local(items, settings)
+        bundle, guard = local_guard(settings)
+        contract = bundle.preprocessing
+        stream = scan_local(items, bundle, guard)
     rows = []
     for row in stream:
         progress.update(row)

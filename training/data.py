@@ -21,7 +21,7 @@ from PIL import Image
 
 from service.decode import IMAGE_SUFFIXES, decode  # the service's decoder: EXIF, 16-bit PNG, alpha
 from service.errors import GuardError
-from service.preprocess import COLOR_CHANNELS, Preprocessing, image_to_pixels
+from service.preprocess import Preprocessing, image_to_pixels, nhwc
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -216,9 +216,7 @@ def _contract(config: DataConfig, sizes: Counter[tuple[int, int]], colour: bool)
     """The contract the user asked for, else the data's: its most common (height, width), RGB if any colour."""
     height, width = config.size or sizes.most_common(1)[0][0]
     color = config.color or ("RGB" if colour else "L")
-    if color not in COLOR_CHANNELS:
-        raise ValueError(f"color must be one of {sorted(COLOR_CHANNELS)}, got {color!r}")
-    return Preprocessing(
+    return Preprocessing(  # refuses a colour it does not know
         height=height, width=width, color=color, resample=config.resample, mean=config.mean, std=config.std
     )
 
@@ -273,19 +271,6 @@ def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
     return _split(root.name, arrays, tuple(names), contract, config)
 
 
-def _npz_images(x: np.ndarray, what: str) -> np.ndarray:
-    """uint8 NHW, NHWC or NCHW (C = 1 or 3) -> NHWC."""
-    if x.dtype != np.uint8:
-        raise ValueError(f"{what}: images must be uint8 (0..255), got {x.dtype}")
-    if x.ndim == 3:
-        return x[..., None]
-    if x.ndim == 4 and x.shape[-1] in (1, 3):
-        return x
-    if x.ndim == 4 and x.shape[1] in (1, 3):
-        return x.transpose(0, 2, 3, 1)
-    raise ValueError(f"{what}: images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3, got {x.shape}")
-
-
 def _load_npz(path: Path, config: DataConfig) -> Dataset:
     with np.load(path, allow_pickle=False) as f:
         data = {k: f[k] for k in f.files}
@@ -293,7 +278,7 @@ def _load_npz(path: Path, config: DataConfig) -> Dataset:
         raise ValueError(f"{path}: needs arrays x (images) and y (labels), has {sorted(data)}")
     parts = {"all": ("x", "y"), "calibration": ("x_val", "y_val"), "test": ("x_test", "y_test")}
     raw = {
-        split: (_npz_images(data[xk], f"{path}:{xk}"), data[yk].astype(np.int64).ravel())
+        split: (nhwc(data[xk], f"{path}:{xk}"), data[yk].astype(np.int64).ravel())
         for split, (xk, yk) in parts.items()
         if xk in data and yk in data
     }
