@@ -25,9 +25,8 @@ class Preprocessing:
     color: str = "L"
     # How an upload that is not height x width is brought to it. "unscale": an upload that is an integer multiple
     # (2x to 8x) of height x width and is exactly a nearest-neighbour or a bilinear upscale of some image (as
-    # Pillow makes them; torch's interpolate with align_corners=False gives the same within 1 level and comes back
-    # too, tested; OpenCV uses the same half-pixel weights, not tested here) gets that image back, to within
-    # 8-bit rounding;
+    # Pillow makes them; torch's interpolate with align_corners=False comes back too, tested; OpenCV uses the same
+    # half-pixel weights, not tested here) gets that image back, to within 8-bit rounding;
     # any other goes through "box" (see `unscale`). "box": area averaging where the upload is an integer multiple,
     # which undoes a nearest-neighbour upscale exactly but leaves a bilinear one blurred. At fractional ratios both
     # fall back to bilinear (anti-aliased): Pillow's box weights are not mirror-symmetric there, so an EXIF-rotated
@@ -83,13 +82,14 @@ COLOR_CHANNELS = {"L": 1, "RGB": 3}
 UNSCALE = "unscale"
 RESAMPLES = (UNSCALE, *(r.lower() for r in Image.Resampling.__members__))
 UNSCALE_FACTORS = range(2, 9)  # integer upscales that "unscale" tries to undo
-# Multiply-adds unscale may spend on one upload (bands x H x W x (h + w), twice: the solve and the check): about
-# 20 ms on one core here at the cap. A 28x28 input never reaches it (8x: 3 M); a 224x224 one does past 2x.
+# Multiply-adds unscale may spend on one upload (bands x H x W x (h + w), twice: the solve and the check). A 28x28
+# gray input never reaches it (8x: 2.8 M); a 224x224 RGB one does at 2x already (270 M) and goes through box.
 UNSCALE_MAX_WORK = 1 << 27
 # Largest difference, in 8-bit levels, between the upload and the bilinear upscale of what unscale recovers. The
-# upscaler rounds each sample (0.5 at most) and a colour upload taken to gray rounds again: measured on 200 colour
-# images made of Fashion-MNIST test images, Pillow's bilinear 2x and 3x upscales fit within 1.05 (1.17 taken to
-# gray), while bicubic, Lanczos and Hamming upscales of the same images never fit better than 9.2 (median 15 to 55).
+# upscaler rounds each sample (0.5 at most) and a colour upload taken to gray rounds again, so a true bilinear
+# upscale fits within about 1 level; bicubic, Lanczos and Hamming upscales miss by far more. tests/service/
+# test_preprocess.py holds both sides: bilinear 2x, 3x and 5x uploads (gray, RGB, RGBA, 16-bit, torch's) come back
+# within 2 levels, and bicubic, Lanczos and Hamming ones give exactly what box gives.
 UNSCALE_TOLERANCE = 2.0
 
 
