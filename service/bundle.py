@@ -169,10 +169,13 @@ def build_pipeline(
     calibrated: bool = True,
     avoid_infected: bool = True,
     signals: list[str] | None = None,
+    early_exit: bool = True,
 ) -> GuardPipeline:
     """The guard over a bundle. calibrated=False leaves thresholds out (calibration itself needs that);
     avoid_infected=False gives suspected images their source's label, even an infected one; `signals` runs a
-    subset of the bundle's signals (uncalibrated only: the fusion tables are fitted to the full set)."""
+    subset of the bundle's signals (uncalibrated only: the fusion tables are fitted to the full set);
+    early_exit=False runs all N STRIP overlays on every image (the same verdicts; exact STRIP evidence, which the
+    evaluation's per-signal figures need)."""
     from service.signals import REGISTRY
 
     thresholds = bundle.manifest.get("thresholds", {}) if calibrated else {}
@@ -192,4 +195,6 @@ def build_pipeline(
     source = thresholds.get("label_source", {}).get("source", "restored")  # chosen at calibration
     if "repaired" not in names:
         source = "restored"
-    return GuardPipeline(bundle.classify, built, fusion, infected, models=models, source=source)
+    return GuardPipeline(
+        bundle.classify, built, fusion, infected, models=models, source=source, early_exit=early_exit
+    )

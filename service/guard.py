@@ -227,6 +227,7 @@ class GuardPipeline:
         on_stage: Callable[[str, float], None] = lambda stage, seconds: None,
         models: Mapping[str, Classify] | None = None,
         source: str = "restored",
+        early_exit: bool = True,
     ) -> None:
         names = [s.name for s in signals]
         if "detrigger" not in names:
@@ -243,6 +244,44 @@ class GuardPipeline:
         self.source = source
         self.infected = [int(t) for t in infected]  # labels a suspected image must not be given
         self.on_stage = on_stage  # where the time goes: (stage, seconds) after each stage of a batch
+        self.early_exit = early_exit  # STRIP stops where no remaining overlay can change the verdict (`_staged`)
+
+    def _staged(self) -> StripSignal | None:
+        """The STRIP signal to run in rounds: only with a fused verdict to decide, and more than one round."""
+        if not self.early_exit or self.fusion is None:
+            return None
+        strip = next((s for s in self.signals if isinstance(s, StripSignal)), None)
+        return strip if strip is not None and len(strip.rounds) > 1 else None
+
+    def _finish_strip(
+        self, x: np.ndarray, strip: StripSignal, first: Prediction, results: dict[str, SignalResult],
+        classes: int, lap: Callable[[str], None],
+    ) -> SignalResult:  # fmt: skip
+        """STRIP in rounds, soundly. After each round, every image's final STRIP score (minus the mean entropy of
+        all N overlays) lies in a range (StripSignal.score_range: each overlay not yet classified adds an entropy
+        between 0 and log2 C). The fusion is monotone in every score, so when the fused score is above the
+        threshold even at the range's least suspicious end, or at or below it even at its most suspicious end,
+        no remaining overlay can change the verdict: that image stops. The others get the next round's overlays,
+        in one classifier call. A stopped image's STRIP entropy is the mean over the overlays it was given, which
+        lies in its range, so its fused score falls on the side of the threshold its verdict was decided on.
+        A non-finite score never decides (NaN compares false), so such an image runs every round and then
+        fails the batch (fail_closed)."""
+        assert self.fusion is not None
+        total = strip.entropies(first, strip.rounds[0]).sum(axis=1)
+        done = np.full(len(x), strip.rounds[0])
+        others = {name: r.score for name, r in results.items()}
+        for r in range(1, len(strip.rounds)):
+            low, high = strip.score_range(total, done, classes)
+            sure_flagged = self.fusion.combine({**others, strip.name: low}) > self.fusion.threshold
+            sure_clean = self.fusion.combine({**others, strip.name: high}) <= self.fusion.threshold
+            todo = np.flatnonzero(~(sure_flagged | sure_clean))
+            if not len(todo):
+                break
+            pred = Prediction(*self.classify(strip.prepare_round(x[todo], r)))
+            lap(f"{strip.name}.round{r + 1}")
+            total[todo] += strip.entropies(pred, strip.rounds[r] - strip.rounds[r - 1]).sum(axis=1)
+            done[todo] = strip.rounds[r]
+        return strip.result(total / done, done)
 
     def run(self, x: np.ndarray) -> GuardResult:
         """x: float32 (B, C, H, W) in [0, 1]."""
@@ -254,9 +293,10 @@ class GuardPipeline:
             self.on_stage(stage, now - clock)
             clock = now
 
+        staged = self._staged()
         extras = []
-        for s in self.signals:  # the autoencoders run here, and STRIP's blending
-            extras.append(s.prepare(x))
+        for s in self.signals:  # the autoencoders run here, and STRIP's blending (its first round when staged)
+            extras.append(staged.prepare_round(x, 0) if staged is not None and s is staged else s.prepare(x))
             lap(f"{s.name}.prepare")
         preds: dict[str, Prediction] = {}
         original: Prediction | None = None
@@ -279,7 +319,16 @@ class GuardPipeline:
                 }
             )
         assert original is not None
-        results = {s.name: s.evaluate(x, e, original, preds[s.name]) for s, e in zip(self.signals, extras, strict=True)}
+        results = {
+            s.name: s.evaluate(x, e, original, preds[s.name])
+            for s, e in zip(self.signals, extras, strict=True)
+            if s is not staged
+        }
+        if staged is not None:
+            results[staged.name] = self._finish_strip(
+                x, staged, preds[staged.name], results, original.logits.shape[1], lap
+            )
+            results = {s.name: results[s.name] for s in self.signals}  # the signals' order
         scores = {name: r.score for name, r in results.items()}
         if self.fusion is None:  # calibration's raw run: no fused score yet, by design
             score, backdoor = np.full(len(x), math.nan), np.zeros(len(x), bool)

@@ -149,7 +149,7 @@ def calibrate(
     thresholds = fit_thresholds(collect(raw, images[idx_a]), collect(raw, images[idx_b]), config)
     # Stand-in attacks: Neural Cleanse's reversed trigger of each watched label on half B's other labels.
     bundle.manifest["thresholds"] = thresholds
-    guard = build_pipeline(bundle, strip_n=config.strip_n)
+    guard = build_pipeline(bundle, strip_n=config.strip_n, early_exit=False)
     stand_in = {}
     sources: dict[str, list[np.ndarray]] = {}
     for label in map(int, bundle.manifest["neural_cleanse"]["activation_neurons"]):

@@ -88,8 +88,9 @@ class Outcome:
 def outcome_of(
     bundle: Bundle, clean: np.ndarray, labels: np.ndarray, trig: TriggeredSet, strip_n: int | None = None
 ) -> Outcome:
-    """Run the guard over clean model inputs (float32 (N, 1, H, W)) with their labels and a triggered set."""
-    guard = build_pipeline(bundle, strip_n=strip_n)
+    """Run the guard over clean model inputs (float32 (N, 1, H, W)) with their labels and a triggered set; every
+    STRIP overlay on every image, so that STRIP's own figures are exact (its early exit keeps the verdicts)."""
+    guard = build_pipeline(bundle, strip_n=strip_n, early_exit=False)
     clean_run, dirty_run = _join(guard.run_chunked(clean)), _join(guard.run_chunked(trig.images))
     return Outcome(clean_run, dirty_run, labels, trig, [s.name for s in guard.signals])
 
@@ -151,7 +152,7 @@ def defender_metrics(
     accuracy, every signal's false-positive rate and the fused one, Neural Cleanse's reversed triggers as stand-in
     attacks (each watched label's trigger on the images of the other labels), and a trigger the user knows
     (`probe`). Nothing about our demo attack: the user's model was not trained with it."""
-    guard = build_pipeline(bundle)
+    guard = build_pipeline(bundle, early_exit=False)  # exact per-signal figures
     clean = _join(guard.run_chunked(images))
     names = [s.name for s in guard.signals]
 

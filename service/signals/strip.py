@@ -38,27 +38,60 @@ def strip_threshold(entropies: np.ndarray, fpr: float) -> tuple[float, float, fl
     return mean + std * NormalDist().inv_cdf(fpr), mean, std
 
 
+ROUNDS = (2, 8)  # overlays done before each early-exit check (then the rest); see StripSignal.rounds
+
+
 class StripSignal(Signal):
+    """STRIP over the bank's first N images. With a fused verdict the guard may stop early (`rounds`): after the
+    first overlays of each round it bounds the mean entropy of all N (`score_range`) and stops an image whose
+    verdict no remaining overlay can change (GuardPipeline.run)."""
+
     name = "strip"
 
-    def __init__(self, bank: np.ndarray, n: int, blend: Blend, threshold: float | None) -> None:
+    def __init__(self, bank: np.ndarray, n: int, blend: Blend, threshold: float | None,
+                 rounds: tuple[int, ...] = ROUNDS) -> None:  # fmt: skip
         if not 1 <= n <= len(bank):
             raise ValueError(f"STRIP n must be in [1, {len(bank)}] (the bank's size), got {n}")
+        if any(not 1 <= r for r in rounds) or list(rounds) != sorted(set(rounds)):
+            raise ValueError(f"STRIP rounds must be increasing overlay counts >= 1, got {list(rounds)}")
         self.overlays = np.ascontiguousarray(bank[:n], dtype=np.float32)
         self.n, self.blend, self.threshold = n, blend, threshold
+        self.rounds = (*(r for r in rounds if r < n), n)  # cumulative overlays after each round; the last is N
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, params: Mapping[str, Any], threshold: float | None) -> StripSignal:
         strip = bundle.manifest["configs"]["strip"]
-        return cls(bundle.strip_bank, int(params.get("n", strip["n"])), params.get("blend", strip["blend"]), threshold)
+        n, blend = int(params.get("n", strip["n"])), params.get("blend", strip["blend"])
+        return cls(bundle.strip_bank, n, blend, threshold, tuple(params.get("rounds", ROUNDS)))
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
         return superimpose(x, self.overlays, self.blend)
 
+    def prepare_round(self, x: np.ndarray, r: int) -> np.ndarray:
+        """Round r's overlays of images x (round 0: the first `rounds[0]`)."""
+        start = self.rounds[r - 1] if r else 0
+        return superimpose(x, self.overlays[start : self.rounds[r]], self.blend)
+
+    @staticmethod
+    def entropies(pred: Prediction, k: int) -> np.ndarray:
+        """(B * k, C) predictions of k overlays per image -> (B, k) entropies in bits."""
+        return entropy_bits(pred.probs).reshape(-1, k)
+
+    def score_range(self, total: np.ndarray, done: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """The least and largest score (minus the mean entropy of all N overlays) an image can still reach, given
+        the sum of its first `done` overlays' entropies: each remaining one adds an entropy in [0, log2 C]."""
+        rest = (self.n - done) * np.log2(classes)
+        return -(total + rest) / self.n, -total / self.n
+
     def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
         entropy = strip_entropy(pred.probs, self.n)
-        below = entropy <= self.threshold if self.threshold is not None else np.zeros(len(x), bool)
-        return SignalResult(score=-entropy, triggered=below, evidence={"entropy": entropy})
+        return self.result(entropy, np.full(len(x), self.n))
+
+    def result(self, entropy: np.ndarray, overlays: np.ndarray) -> SignalResult:
+        """The signal's result from each image's mean entropy over the `overlays` it was given (N, or fewer where
+        the guard stopped early: then the mean is an estimate, and the verdict was decided without it)."""
+        below = entropy <= self.threshold if self.threshold is not None else np.zeros(len(entropy), bool)
+        return SignalResult(score=-entropy, triggered=below, evidence={"entropy": entropy, "overlays": overlays})
 
     @classmethod
     def fit(cls, results: SignalResult, fpr: float) -> dict[str, Any]:

@@ -39,8 +39,9 @@ def test_the_expert_keeps_the_backdoor_and_loses_the_classes(fashion_mnist) -> N
     accuracy, success = rates(model)
     assert accuracy > 0.75 and success > 0.9, "the model under test must carry the backdoor"
     cal = to_model_input(ds.calibration.images[:1500])
-    expert, facts = train_expert(model, cal, ds.calibration.labels[:1500], 10, ExpertConfig())
+    config = ExpertConfig(stop_accuracy=0.5)  # this small model starts at ~77%: a stop well below that
+    expert, facts = train_expert(model, cal, ds.calibration.labels[:1500], 10, config)
     e_accuracy, e_success = rates(expert)
-    assert facts["holdout_accuracy_after"] <= 0.5 and facts["steps"] < 4 * 19  # stopped by the rule, not the cap
+    assert facts["holdout_accuracy_after"] <= config.stop_accuracy and facts["steps"] < 4 * 19  # the rule, not the cap
     assert e_accuracy < 0.6, "the expert forgot the classes"
     assert e_success > 0.9, "and kept the backdoor"
