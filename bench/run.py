@@ -67,17 +67,40 @@ def multipart(png: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def hey(url: str, body: Path, content_type: str, n: int, c: int) -> dict[str, float]:
+def _hey_rows(url: str, body: Path, content_type: str, n: int, c: int) -> tuple[list[dict[str, str]], float]:
+    """One `hey` run: its rows (one per request) and its wall time from the first start to the last end."""
     out = subprocess.run(
         ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", content_type, "-D", str(body), "-o", "csv", url],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     rows = list(csv.DictReader(io.StringIO(out)))
+    ends = [float(r["offset"]) + float(r["response-time"]) for r in rows]
+    return rows, max(ends) - min(float(r["offset"]) for r in rows)
+
+
+def hey(url: str, bodies: list[Path], content_type: str, n: int, c: int) -> dict[str, float]:
+    """n requests at concurrency c spread over the bodies (different images: the guard's work depends on the
+    image, STRIP stopping early on most): c workers at once, each sending its share of the bodies one after
+    another, n / len(bodies) requests each through its own `hey -c 1`. Throughput counts each worker's time
+    inside `hey` (not the processes' start-up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    per_body = max(1, n // len(bodies))
+
+    def worker(j: int) -> tuple[list[dict[str, str]], float]:
+        rows, busy = [], 0.0
+        for body in bodies[j::c]:
+            r, wall = _hey_rows(url, body, content_type, per_body, 1)
+            rows += r
+            busy += wall
+        return rows, busy
+
+    with ThreadPoolExecutor(c) as pool:
+        done = list(pool.map(worker, range(c)))
+    rows = [r for rs, _ in done for r in rs]
+    wall = max(busy for _, busy in done)
     ok = [r for r in rows if r["status-code"] == "200"]
     latency = np.array([float(r["response-time"]) for r in ok])
-    ends = [float(r["offset"]) + float(r["response-time"]) for r in rows]
-    starts = [float(r["offset"]) for r in rows]
-    wall = max(ends) - min(starts)
     return {
         "concurrency": c,
         "requests": len(rows),
@@ -99,7 +122,11 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
-def service_runs(png: bytes, requests: int, signals: str = "all") -> tuple[list[dict[str, float]], dict[str, float]]:
+def service_runs(
+    pngs: list[bytes], requests: int, signals: str = "all", triggered: list[bytes] | None = None
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """The service over HTTP at each concurrency on the `pngs` (clean traffic), then, if given, on `triggered`
+    at concurrency 32; and the change of its metrics over the measured runs."""
     port = free_port()
     env = {**os.environ, "GUARD_HOST": "127.0.0.1", "GUARD_PORT": str(port), "GUARD_LOG_LEVEL": "warning",
            "GUARD_SIGNALS": signals}  # fmt: skip
@@ -119,20 +146,31 @@ def service_runs(png: bytes, requests: int, signals: str = "all") -> tuple[list[
                 raise RuntimeError("the service did not become ready")
             time.sleep(0.2)
         with tempfile.TemporaryDirectory() as tmp:
-            body_path = Path(tmp) / "body"
-            body, content_type = multipart(png)
-            body_path.write_bytes(body)
-            hey(f"{base}/classify", body_path, content_type, 200, 8)  # warm-up
+
+            def write(name: str, images: list[bytes]) -> list[Path]:
+                paths = []
+                for i, png in enumerate(images):
+                    body, _ = multipart(png)
+                    paths.append(Path(tmp) / f"{name}{i}")
+                    paths[-1].write_bytes(body)
+                return paths
+
+            content_type = multipart(b"")[1]
+            bodies = write("clean", pngs)
+            hey(f"{base}/classify", bodies[:8], content_type, 200, 8)  # warm-up
             before = scrape(f"{base}/metrics")
             runs = []
-            for c in CONCURRENCY:
+            plan = [("clean", c, bodies) for c in CONCURRENCY]
+            plan += [("triggered", 32, write("triggered", triggered))] if triggered else []
+            for traffic, c, paths in plan:
                 start = scrape(f"{base}/metrics")
-                run = hey(f"{base}/classify", body_path, content_type, requests, c)
+                run = hey(f"{base}/classify", paths, content_type, requests, c)
                 end = scrape(f"{base}/metrics")
                 batches = end["guard_batch_size_images_count"] - start["guard_batch_size_images_count"]
                 run["mean_batch_images"] = (
                     end["guard_batch_size_images_sum"] - start["guard_batch_size_images_sum"]
                 ) / batches
+                run["traffic"] = traffic
                 runs.append(run)
             after = scrape(f"{base}/metrics")
     finally:
@@ -161,6 +199,37 @@ def passes_per_image(bundle: Bundle) -> dict[str, float]:
     what each signal's `prepare` hands its model for one image. The autoencoders are extra, not counted."""
     out = {"image": 1.0, **{name: float(n) for name, n in signal_passes(bundle).items()}}
     out["total"] = sum(out.values())
+    return out
+
+
+def measured_passes(bundle: Bundle, sets: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Passes through classifier-sized models per image as the service's guard runs them (STRIP stopping early
+    where it can), counted row by row over each set of model inputs; and how many images ran each number of
+    STRIP overlays."""
+    from service.bundle import build_pipeline
+
+    guard = build_pipeline(bundle)
+    rows = {"count": 0}
+
+    def counted(classify: Any) -> Any:
+        def run(x: np.ndarray) -> Any:
+            rows["count"] += len(x)
+            return classify(x)
+
+        return run
+
+    guard.models = {name: counted(model) for name, model in guard.models.items()}
+    guard.classify = guard.models["classifier"]
+    out: dict[str, Any] = {}
+    for name, x in sets.items():
+        rows["count"] = 0
+        overlays = np.concatenate([r.signals["strip"].evidence["overlays"] for r in guard.run_chunked(x, 64)])
+        values, counts = np.unique(overlays, return_counts=True)
+        out[name] = {
+            "images": len(x),
+            "passes_per_image": rows["count"] / len(x),
+            "strip_overlays": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
+        }
     return out
 
 
@@ -234,14 +303,15 @@ def naive_guard(bundle_root: Path, bank: np.ndarray, images: np.ndarray, n: int)
 
 def headline(r: dict[str, Any]) -> dict[str, float]:
     """The keys issue 12 names, from the runs: concurrency 32 for throughput, 1 for latency."""
-    guarded = {run["concurrency"]: run for run in r["service"]}
-    plain = {run["concurrency"]: run for run in r["service_unguarded"]}
+    guarded = {run["concurrency"]: run for run in r["service"] if run.get("traffic", "clean") == "clean"}
+    plain = {run["concurrency"]: run for run in r["service_unguarded"] if run.get("traffic", "clean") == "clean"}
     roof = r["roofline"]
     return {
         "guarded_images_per_s": guarded[32]["throughput_rps"],
         "unguarded_images_per_s": plain[32]["throughput_rps"],
         "guarded_share_of_unguarded": guarded[32]["throughput_rps"] / plain[32]["throughput_rps"],
-        "passes_per_image": roof["passes_per_image"],
+        "passes_per_image": roof["passes_per_image"],  # measured on clean images (STRIP stopping early)
+        "passes_per_image_triggered": r["measured_passes"]["triggered"]["passes_per_image"],
         "roofline_images_per_s": roof["guarded_images_per_s"],
         "roofline_efficiency": guarded[32]["throughput_rps"] / roof["guarded_images_per_s"],
         "art_strip_images_per_s": r["art"]["images_per_s"],
@@ -280,7 +350,9 @@ def detection_per_cost(passes: dict[str, float], suite: dict[str, Any] | None) -
 
 
 def render(r: dict[str, Any]) -> str:
-    roof, svc = r["roofline"], {run["concurrency"]: run for run in r["service"]}
+    roof = r["roofline"]
+    svc = {run["concurrency"]: run for run in r["service"] if run.get("traffic", "clean") == "clean"}
+    mp = r["measured_passes"]
     h = headline(r)
     lines = [
         "# Benchmark",
@@ -288,8 +360,23 @@ def render(r: dict[str, Any]) -> str:
         f"Made by `{r['command']}` in one run on this machine ({r['machine']}), so that the ratios hold even",
         "though absolute numbers move with the machine's load. The service runs as `python -m service` with the",
         f"shipped bundle (signals {', '.join(r['signals'])}; STRIP N = {r['strip_n']}); `hey` sends single-image PNG",
-        "requests (a triggered test image). The same service with `GUARD_SIGNALS=none` (plain inference through the",
-        "same stack: one classifier pass, no verdict) is the denominator.",
+        "requests of 32 clean test images drawn at random (the traffic a guard mostly sees; the guard's work depends",
+        "on the image, so one image repeated would not do), then 32 triggered ones. The same service with",
+        "`GUARD_SIGNALS=none` (plain inference through the same stack: one classifier pass, no verdict) on the same",
+        "clean images is the denominator.",
+        "",
+        "STRIP stops early (service/guard.py, `GuardPipeline._finish_strip`): after 2 and after 8 overlays it bounds",
+        "the entropy the remaining ones can add (between 0 and log2 C each) and stops an image whose fused verdict",
+        "none of them can change, so every verdict is the one all N overlays give (tests/service/",
+        "test_strip_early_exit.py). Passes per image through classifier-sized models (the image, the de-triggered",
+        "image, STRIP's overlays, the repaired model, the expert), counted in process on the first "
+        f"{mp['clean']['images']} test images: **{mp['clean']['passes_per_image']:.2f}** per clean image, "
+        f"**{mp['triggered']['passes_per_image']:.2f}** per triggered one (kwon), against "
+        f"{r['passes']['total']:g} with every overlay. Images by STRIP overlays run: clean "
+        + ", ".join(f"{k}: {v}" for k, v in mp["clean"]["strip_overlays"].items())
+        + "; triggered "
+        + ", ".join(f"{k}: {v}" for k, v in mp["triggered"]["strip_overlays"].items())
+        + ".",
         "",
         "## The bar (issue 12)",
         "",
@@ -298,7 +385,7 @@ def render(r: dict[str, Any]) -> str:
         f"| guarded >= 50% of unguarded images/s at concurrency 32 | {h['guarded_images_per_s']:.1f} / "
         f"{h['unguarded_images_per_s']:.1f} = {100 * h['guarded_share_of_unguarded']:.0f}% | "
         f"{_met(h['guarded_share_of_unguarded'] >= 0.5)} |",
-        f"| >= 0.8 of the roofline ({h['passes_per_image']:g} classifier passes per image) | "
+        f"| >= 0.8 of the roofline ({h['passes_per_image']:.2f} classifier passes per clean image) | "
         f"{h['roofline_efficiency']:.2f} | {_met(h['roofline_efficiency'] >= 0.8)} |",
         f"| >= 5x ART's STRIP (N = {r['strip_n']}) | {h['over_art_strip']:.1f}x | {_met(h['over_art_strip'] >= 5)} |",
         f"| p50 single-image latency guarded <= 2x unguarded | {h['p50_ms_c1_guarded']:.1f} ms / "
@@ -306,10 +393,12 @@ def render(r: dict[str, Any]) -> str:
         "",
         "## The service over HTTP",
         "",
-        "| guard | concurrency | requests | errors | images/s | p50 ms | p95 ms | p99 ms | images per batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| guard | traffic | concurrency | requests | errors | images/s | p50 ms | p95 ms | p99 ms "
+        "| images per batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *[
-            f"| {guard} | {run['concurrency']} | {run['requests']} | {run['errors']} | {run['throughput_rps']:.1f} | "
+            f"| {guard} | {run.get('traffic', 'clean')} | {run['concurrency']} | {run['requests']} | {run['errors']} | "
+            f"{run['throughput_rps']:.1f} | "
             f"{run['p50_ms']:.1f} | {run['p95_ms']:.1f} | {run['p99_ms']:.1f} | {run['mean_batch_images']:.1f} |"
             for guard, key in (("on", "service"), ("off", "service_unguarded"))
             for run in r[key]
@@ -320,7 +409,7 @@ def render(r: dict[str, Any]) -> str:
         "| | images/s | service at concurrency 32 / this |",
         "|---|---|---|",
         f"| roofline: ONNX Runtime classifier at batch 512 ({roof['classifier_images_per_s']:.0f} images/s) / "
-        f"{roof['passes_per_image']:g} passes | {roof['guarded_images_per_s']:.1f} | "
+        f"{roof['passes_per_image']:.2f} passes | {roof['guarded_images_per_s']:.1f} | "
         f"efficiency **{h['roofline_efficiency']:.2f}** |",
         f"| IBM ART STRIP (N = {r['strip_n']}) on the same classifier in PyTorch | {r['art']['images_per_s']:.1f} | "
         f"**{h['over_art_strip']:.1f}x** |",
@@ -336,7 +425,7 @@ def render(r: dict[str, Any]) -> str:
         "|---|---|",
         *[f"| {k} | {v:.3f} |" for k, v in r["stages"].items() if k != "mean_batch_size"],
         "",
-        f"Mean batch size over all three runs: {r['stages']['mean_batch_size']:.1f} images.",
+        f"Mean batch size over all the guarded runs: {r['stages']['mean_batch_size']:.1f} images.",
         "",
     ]
     return "\n".join(lines)
@@ -350,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
     p.add_argument("--images", type=int, default=200, help="images for the in-process peers")
+    p.add_argument("--pass-images", type=int, default=2000, help="test images whose guard passes are counted")
     p.add_argument("--out", type=Path, default=ROOT / "reports")
     args = p.parse_args(argv)
     if shutil.which("hey") is None:
@@ -358,17 +448,25 @@ def main(argv: list[str] | None = None) -> None:
     n = int(bundle.manifest["configs"]["strip"]["n"])
     ds = load_dataset(DataConfig())
     kwon = PRESETS["kwon"]
-    png = encode_png(triggered_pixels(ds.test.images[1:2], kwon)[0])
+    # the traffic: 32 clean test images drawn at random (seeded), and 32 non-target ones with the kwon trigger
+    chosen = np.random.default_rng(0).choice(np.flatnonzero(ds.test.labels != kwon.target), 32, replace=False)
+    clean_pngs = [encode_png(p) for p in ds.test.images[chosen]]
+    triggered_pngs = [encode_png(p) for p in triggered_pixels(ds.test.images[chosen], kwon)]
     images = to_model_input(ds.test.images[: args.images])
     calibration = to_model_input(ds.calibration.images[: args.images])
     suite_path = args.out / "attack_suite.json"
 
     start = time.perf_counter()
-    service, delta = service_runs(png, args.requests)
-    unguarded, _ = service_runs(png, args.requests, signals="none")
+    service, delta = service_runs(clean_pngs, args.requests, triggered=triggered_pngs)
+    unguarded, _ = service_runs(clean_pngs, args.requests, signals="none")
     torch.set_num_threads(os.cpu_count() or 1)
     model = load_classifier(bundle.root / bundle.manifest["checkpoints"]["classifier"]["path"])
     passes = passes_per_image(bundle)
+    test = ds.test.images[: args.pass_images]
+    victims_ = np.flatnonzero(ds.test.labels[: args.pass_images] != kwon.target)
+    measured = measured_passes(
+        bundle, {"clean": to_model_input(test), "triggered": to_model_input(triggered_pixels(test[victims_], kwon))}
+    )
     report: dict[str, Any] = {
         "command": " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, onnxruntime {ort.__version__}, "
@@ -376,10 +474,11 @@ def main(argv: list[str] | None = None) -> None:
         "strip_n": n,
         "signals": bundle.signal_names,
         "passes": passes,
+        "measured_passes": measured,
         "service": service,
         "service_unguarded": unguarded,
         "stages": stage_breakdown(delta),
-        "roofline": roofline(bundle, images, passes["total"]),
+        "roofline": roofline(bundle, images, measured["clean"]["passes_per_image"]),
         "art": art_strip(model, calibration, images, n),
         "naive": naive_guard(bundle.root, bundle.strip_bank, images, n),
         "seconds": time.perf_counter() - start,

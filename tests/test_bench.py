@@ -33,7 +33,11 @@ def test_headline_keys_and_the_bar_table() -> None:
     r = {
         "command": "python bench/run.py", "machine": "test", "strip_n": 32, "signals": ["detrigger", "strip"],
         "passes": {"image": 1.0, "detrigger": 1.0, "strip": 32.0, "total": 34.0},
-        "service": [run(1, 100, 9.0), run(8, 200, 30), run(32, 300, 90)],
+        "service": [run(1, 100, 9.0), run(8, 200, 30), run(32, 300, 90), {**run(32, 900, 30), "traffic": "triggered"}],
+        "measured_passes": {
+            "clean": {"images": 10, "passes_per_image": 12.5, "strip_overlays": {"2": 8, "32": 2}},
+            "triggered": {"images": 9, "passes_per_image": 4.0, "strip_overlays": {"2": 9}},
+        },
         "service_unguarded": [run(1, 400, 3.0), run(8, 800, 9), run(32, 500, 60)],
         "stages": {"decode": 0.1, "mean_batch_size": 4.0},
         "roofline": {"classifier_images_per_s": 17000.0, "passes_per_image": 34.0, "guarded_images_per_s": 500.0},
@@ -52,6 +56,27 @@ def test_headline_keys_and_the_bar_table() -> None:
     }}}  # fmt: skip
     text = bench.render({**r, "suite": suite})
     assert "| guarded >= 50% of unguarded images/s at concurrency 32 | 300.0 / 500.0 = 60% | yes |" in text
-    assert "| >= 0.8 of the roofline (34 classifier passes per image) | 0.60 | **no** |" in text
+    assert h["passes_per_image_triggered"] == 4.0  # the triggered run is reported, never the headline
+    assert "| on | triggered | 32 | 100 | 0 | 900.0 |" in text
+    assert "**12.50** per clean image, **4.00** per triggered one (kwon), against 34 with every overlay" in text
+    assert "clean 2: 8, 32: 2; triggered 2: 9." in text
+    assert "| >= 0.8 of the roofline (34.00 classifier passes per clean image) | 0.60 | **no** |" in text
     assert "| >= 5x ART's STRIP (N = 32) | 3.0x | **no** |" in text
     assert "| detrigger | 1 | 0.990 / +1.0 |" in text and "| strip | 32 | 0.900 / +0.0 |" in text
+
+
+@pytest.mark.data
+def test_measured_passes_count_every_row_the_guard_classifies(fashion_mnist) -> None:
+    """Counted through the guard as the service runs it: STRIP stops early on most clean images, every one of
+    them ran at least the first round, and the count matches the overlays each image ran plus its fixed passes."""
+    from service.preprocess import to_model_input
+
+    bundle = Bundle.load(MODELS)
+    x = to_model_input(fashion_mnist.test.images[:96])
+    measured = bench.measured_passes(bundle, {"clean": x})["clean"]
+    overlays = {int(k): v for k, v in measured["strip_overlays"].items()}
+    assert sum(overlays.values()) == 96 and min(overlays) >= 2
+    fixed = bench.passes_per_image(bundle)["total"] - bundle.manifest["signals"]["strip"]["n"]
+    expected = fixed + sum(k * v for k, v in overlays.items()) / 96
+    assert measured["passes_per_image"] == pytest.approx(expected)
+    assert measured["passes_per_image"] < bench.passes_per_image(bundle)["total"]
