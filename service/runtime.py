@@ -28,7 +28,10 @@ def pipeline_for(settings: Settings, bundle: Bundle) -> GuardPipeline:
     if settings.signals == "none":
         log.warning("GUARD_SIGNALS=none: the guard is off; answers carry the model's label and no verdict")
         return PlainPipeline(bundle.classify)
-    pipeline = build_pipeline(bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels)
+    pipeline = build_pipeline(
+        bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels,
+        early_exit=settings.strip_early_exit,
+    )  # fmt: skip
     if settings.fused_threshold is not None and pipeline.fusion is not None:
         pipeline.fusion = replace(pipeline.fusion, threshold=settings.fused_threshold)
     if pipeline.fusion is None:

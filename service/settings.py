@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     strip_n: int | None = Field(
         None, ge=1, description="STRIP overlays per image; default: the N the bundle was calibrated at"
     )
+    strip_early_exit: bool = Field(
+        True,
+        description="stop STRIP's overlays on an image once none of the rest can change its fused verdict (the "
+        "same verdicts; its STRIP entropy is then the mean over the overlays it ran, `overlays` in the evidence)",
+    )
     fused_threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="override the bundle's fused-verdict threshold (a clean percentile)"
     )

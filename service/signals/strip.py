@@ -79,9 +79,11 @@ class StripSignal(Signal):
 
     def score_range(self, total: np.ndarray, done: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
         """The least and largest score (minus the mean entropy of all N overlays) an image can still reach, given
-        the sum of its first `done` overlays' entropies: each remaining one adds an entropy in [0, log2 C]."""
+        the sum of its first `done` overlays' entropies: each remaining one adds an entropy in [0, log2 C]
+        (widened by a float32 rounding's worth per overlay, so that no rounding can put the final score outside)."""
         rest = (self.n - done) * np.log2(classes)
-        return -(total + rest) / self.n, -total / self.n
+        slack = 1e-5 * self.n
+        return -(total + rest + slack) / self.n, -(total - slack) / self.n
 
     def evaluate(self, x: np.ndarray, extra: np.ndarray, original: Prediction, pred: Prediction) -> SignalResult:
         entropy = strip_entropy(pred.probs, self.n)
