@@ -35,8 +35,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from service.bundle import Bundle
+from service.bundle import Bundle, build_pipeline
 from service.preprocess import to_model_input
+from service.signals.strip import StripSignal
 from training.attacks import PRESETS, triggered_pixels
 from training.classifier import load_classifier
 from training.cost import signal_passes
@@ -78,7 +79,7 @@ def _hey_rows(url: str, body: Path, content_type: str, n: int, c: int) -> tuple[
     return rows, max(ends) - min(float(r["offset"]) for r in rows)
 
 
-def hey(url: str, bodies: list[Path], content_type: str, n: int, c: int) -> dict[str, float]:
+def hey(url: str, bodies: list[Path], content_type: str, n: int, c: int) -> dict[str, Any]:
     """n requests at concurrency c spread over the bodies (different images: the guard's work depends on the
     image, STRIP stopping early on most): c workers at once, each sending its share of the bodies one after
     another, n / len(bodies) requests each through its own `hey -c 1`. Throughput counts each worker's time
@@ -124,7 +125,7 @@ def scrape(url: str) -> dict[str, float]:
 
 def service_runs(
     pngs: list[bytes], requests: int, signals: str = "all", triggered: list[bytes] | None = None
-) -> tuple[list[dict[str, float]], dict[str, float]]:
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """The service over HTTP at each concurrency on the `pngs` (clean traffic), then, if given, on `triggered`
     at concurrency 32; and the change of its metrics over the measured runs."""
     port = free_port()
@@ -206,8 +207,6 @@ def measured_passes(bundle: Bundle, sets: dict[str, np.ndarray]) -> dict[str, An
     """Passes through classifier-sized models per image as the service's guard runs them (STRIP stopping early
     where it can), counted row by row over each set of model inputs; and how many images ran each number of
     STRIP overlays."""
-    from service.bundle import build_pipeline
-
     guard = build_pipeline(bundle)
     rows = {"count": 0}
 
@@ -365,7 +364,9 @@ def render(r: dict[str, Any]) -> str:
         "`GUARD_SIGNALS=none` (plain inference through the same stack: one classifier pass, no verdict) on the same",
         "clean images is the denominator.",
         "",
-        "STRIP stops early (service/guard.py, `GuardPipeline._finish_strip`): after 2 and after 8 overlays it bounds",
+        "STRIP stops early (service/guard.py, `GuardPipeline._finish_strip`): after "
+        + ", ".join(map(str, r["strip_rounds"][:-1]))
+        + " overlays it bounds",
         "the entropy the remaining ones can add (between 0 and log2 C each) and stops an image whose fused verdict",
         "none of them can change, so every verdict is the one all N overlays give (tests/service/",
         "test_strip_early_exit.py). Passes per image through classifier-sized models (the image, the de-triggered",
@@ -472,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, onnxruntime {ort.__version__}, "
         f"torch {torch.__version__}",
         "strip_n": n,
+        "strip_rounds": list(next(s for s in build_pipeline(bundle).signals if isinstance(s, StripSignal)).rounds),
         "signals": bundle.signal_names,
         "passes": passes,
         "measured_passes": measured,

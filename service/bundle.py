@@ -195,6 +195,4 @@ def build_pipeline(
     source = thresholds.get("label_source", {}).get("source", "restored")  # chosen at calibration
     if "repaired" not in names:
         source = "restored"
-    return GuardPipeline(
-        bundle.classify, built, fusion, infected, models=models, source=source, early_exit=early_exit
-    )
+    return GuardPipeline(bundle.classify, built, fusion, infected, models=models, source=source, early_exit=early_exit)

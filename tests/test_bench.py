@@ -31,7 +31,8 @@ def run(c: int, rps: float, p50: float) -> dict[str, float]:
 
 def test_headline_keys_and_the_bar_table() -> None:
     r = {
-        "command": "python bench/run.py", "machine": "test", "strip_n": 32, "signals": ["detrigger", "strip"],
+        "command": "python bench/run.py", "machine": "test", "strip_n": 32, "strip_rounds": [1, 3, 8, 32],
+        "signals": ["detrigger", "strip"],
         "passes": {"image": 1.0, "detrigger": 1.0, "strip": 32.0, "total": 34.0},
         "service": [run(1, 100, 9.0), run(8, 200, 30), run(32, 300, 90), {**run(32, 900, 30), "traffic": "triggered"}],
         "measured_passes": {
@@ -75,7 +76,7 @@ def test_measured_passes_count_every_row_the_guard_classifies(fashion_mnist) -> 
     x = to_model_input(fashion_mnist.test.images[:96])
     measured = bench.measured_passes(bundle, {"clean": x})["clean"]
     overlays = {int(k): v for k, v in measured["strip_overlays"].items()}
-    assert sum(overlays.values()) == 96 and min(overlays) >= 2
+    assert sum(overlays.values()) == 96 and min(overlays) >= 1
     fixed = bench.passes_per_image(bundle)["total"] - bundle.manifest["signals"]["strip"]["n"]
     expected = fixed + sum(k * v for k, v in overlays.items()) / 96
     assert measured["passes_per_image"] == pytest.approx(expected)

@@ -38,7 +38,10 @@ def strip_threshold(entropies: np.ndarray, fpr: float) -> tuple[float, float, fl
     return mean + std * NormalDist().inv_cdf(fpr), mean, std
 
 
-ROUNDS = (2, 8)  # overlays done before each early-exit check (then the rest); see StripSignal.rounds
+# Overlays done before each early-exit check (then the rest); see StripSignal.rounds. Chosen by replaying the
+# exits on per-overlay entropies (a scratch script, not a repo command; 2,000 test images): on the shipped
+# bundle's clean images 2.35 overlays per image on average for (1, 3, 8), 3.32 for (2, 8), 5.31 for (4,).
+ROUNDS = (1, 3, 8)
 
 
 class StripSignal(Signal):
@@ -52,7 +55,7 @@ class StripSignal(Signal):
                  rounds: tuple[int, ...] = ROUNDS) -> None:  # fmt: skip
         if not 1 <= n <= len(bank):
             raise ValueError(f"STRIP n must be in [1, {len(bank)}] (the bank's size), got {n}")
-        if any(not 1 <= r for r in rounds) or list(rounds) != sorted(set(rounds)):
+        if any(r < 1 for r in rounds) or list(rounds) != sorted(set(rounds)):
             raise ValueError(f"STRIP rounds must be increasing overlay counts >= 1, got {list(rounds)}")
         self.overlays = np.ascontiguousarray(bank[:n], dtype=np.float32)
         self.n, self.blend, self.threshold = n, blend, threshold

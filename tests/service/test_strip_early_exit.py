@@ -95,5 +95,5 @@ def test_rounds_are_checked_and_an_n_below_them_runs_in_one_round() -> None:
         StripSignal(bank, 16, "sum", None, rounds=(8, 2))
     with pytest.raises(ValueError, match="increasing"):
         StripSignal(bank, 16, "sum", None, rounds=(0, 4))
-    assert StripSignal(bank, 2, "sum", None).rounds == (2,)
-    assert StripSignal(bank, 4, "sum", None).rounds == (2, 4)
+    assert StripSignal(bank, 1, "sum", None, rounds=(1, 3)).rounds == (1,)
+    assert StripSignal(bank, 4, "sum", None, rounds=(1, 3, 8)).rounds == (1, 3, 4)
