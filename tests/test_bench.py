@@ -42,7 +42,10 @@ def test_headline_keys_and_the_bar_table() -> None:
         "service_unguarded": [run(1, 400, 3.0), run(8, 800, 9), run(32, 500, 60)],
         "stages": {"decode": 0.1, "mean_batch_size": 4.0},
         "roofline": {"classifier_images_per_s": 17000.0, "passes_per_image": 34.0, "guarded_images_per_s": 500.0},
-        "art": {"images_per_s": 100.0}, "naive": {"images_per_s": 50.0},
+        "art": {"images_per_s": 100.0}, "art_n32": {"images_per_s": 50.0}, "naive": {"images_per_s": 50.0},
+        "art_detection": {"kwon": {"art_strip_auroc": 0.99, "fused_auroc": 0.999},
+                          "wanet": {"art_strip_auroc": 0.8, "fused_auroc": 0.7}},
+        "art_detection_images": 1000,
     }  # fmt: skip
     h = bench.headline(r)
     assert h["guarded_images_per_s"] == 300 and h["unguarded_images_per_s"] == 500
@@ -62,7 +65,11 @@ def test_headline_keys_and_the_bar_table() -> None:
     assert "**12.50** per clean image, **4.00** per triggered one (kwon), against 34 with every overlay" in text
     assert "clean 2: 8, 32: 2; triggered 2: 9." in text
     assert "| >= 0.8 of the roofline (34.00 classifier passes per clean image) | 0.60 | **no** |" in text
-    assert "| >= 5x ART's STRIP (N = 32) | 3.0x | **no** |" in text
+    assert h["over_art_strip_n32"] == pytest.approx(6.0) and h["art_strip_n32_images_per_s"] == 50.0
+    assert "| >= 5x ART's STRIP (N = 32, as the issue names it) | 6.0x | yes |" in text
+    assert "| the same at the bundle's N = 32 | 3.0x | **no** |" in text
+    assert "(AUROC below) | on wanet | **no** |" in text  # ART separates WaNet better here: not met
+    assert "| wanet | 0.8000 | 0.7000 |" in text
     assert "| detrigger | 1 | 0.990 / +1.0 |" in text and "| strip | 32 | 0.900 / +0.0 |" in text
 
 
