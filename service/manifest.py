@@ -355,6 +355,12 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         if _at(manifest, "thresholds.label_source") is not _MISSING:  # bundles calibrated before it: "restored"
             sources = ("restored", "repaired", "both") if "repaired" in names else ("restored",)
             rules.append(("thresholds.label_source.source", one_of(*sources)))
+        if "strip" in names and _at(manifest, "thresholds.strip.n") is not _MISSING:
+            # STRIP's threshold and fusion table hold only at the N they were calibrated at
+            runs = _at(manifest, "signals.strip.n")
+            runs = _at(manifest, "configs.strip.n") if runs is _MISSING else runs
+            if _is_int(runs):
+                rules.append(("thresholds.strip.n", matches(runs, "the N the strip signal runs at")))
         for name in names:
             if (bounds := REGISTRY[name].threshold_bounds(classes)) is not None:
                 rules.append((f"thresholds.{name}.threshold", real(*bounds)))

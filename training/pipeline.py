@@ -462,9 +462,19 @@ class Builder:
         )
 
     def stage_calibrate(self) -> None:
+        # The old thresholds go first: they may not hold for what is being calibrated now (another STRIP N is
+        # refused by the manifest check), and until the new ones are written the bundle serves nothing.
+        update_manifest(self.out, drop=("thresholds",))
         bundle = Bundle.load(self.out)
-        thresholds, stand_in = calibrate(bundle, self.x_cal, self.dataset.calibration.labels, self.config.calibration)
-        update_manifest(self.out, thresholds=thresholds, calibration=stand_in)
+        c = self.config.calibration
+        thresholds, stand_in = calibrate(bundle, self.x_cal, self.dataset.calibration.labels, c)
+        # STRIP runs at the N it was calibrated at: the manifest says so wherever it names it
+        strip = {"n": c.strip_n, "blend": c.strip_blend}
+        m = bundle.manifest
+        signals = {k: ({**v, **strip} if k == "strip" else v) for k, v in m.get("signals", {}).items()}
+        configs = {**m.get("configs", {}), "strip": strip, "calibration": to_jsonable(c)}
+        update_manifest(self.out, thresholds=thresholds, calibration=stand_in, configs=configs,
+                        **({"signals": signals} if "signals" in m else {}))  # fmt: skip
         log.info("thresholds: %s", {k: v.get("threshold") for k, v in thresholds.items() if isinstance(v, dict)})
 
     def stage_metrics(self) -> None:

@@ -110,6 +110,8 @@ BAD_EDITS = [
     ("configs.strip.n", 257, "configs.strip.n"),  # the bank holds 256
     ("configs.strip.n", 0, "configs.strip.n"),
     ("configs.strip.blend", "max", "configs.strip.blend"),
+    ("thresholds.strip.n", 12, "thresholds.strip.n"),  # calibrated at another N than the signal runs at
+    ("signals.strip.n", 12, "thresholds.strip.n"),
     ("neural_cleanse.activation_neurons.0", [155, 200], "neural_cleanse.activation_neurons"),  # 200 features
     ("neural_cleanse.activation_neurons.0", [], "neural_cleanse.activation_neurons"),
     ("neural_cleanse.activation_neurons", {"10": [155]}, "neural_cleanse.activation_neurons"),
