@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -473,8 +473,10 @@ class Builder:
         m = bundle.manifest
         signals = {k: ({**v, **strip} if k == "strip" else v) for k, v in m.get("signals", {}).items()}
         configs = {**m.get("configs", {}), "strip": strip, "calibration": to_jsonable(c)}
-        update_manifest(self.out, thresholds=thresholds, calibration=stand_in, configs=configs,
-                        **({"signals": signals} if "signals" in m else {}))  # fmt: skip
+        sections: dict[str, Any] = {"thresholds": thresholds, "calibration": stand_in, "configs": configs}
+        if "signals" in m:  # bundles from before the list run the default signals
+            sections["signals"] = signals
+        update_manifest(self.out, **sections)
         log.info("thresholds: %s", {k: v.get("threshold") for k, v in thresholds.items() if isinstance(v, dict)})
 
     def stage_metrics(self) -> None:

@@ -38,9 +38,10 @@ def strip_threshold(entropies: np.ndarray, fpr: float) -> tuple[float, float, fl
     return mean + std * NormalDist().inv_cdf(fpr), mean, std
 
 
-# Overlays done before each early-exit check (then the rest); see StripSignal.rounds. Chosen by replaying the
-# exits on per-overlay entropies (a scratch script, not a repo command; 2,000 test images): on the shipped
-# bundle's clean images 2.35 overlays per image on average for (1, 3, 8), 3.32 for (2, 8), 5.31 for (4,).
+# Overlays done before each early-exit check (then the rest: rounds at or above N are dropped); see
+# StripSignal.rounds. Chosen at N = 16 by replaying the exits on per-overlay entropies (a scratch script, not a
+# repo command; 2,000 test images): on the shipped bundle's clean images 2.35 overlays per image on average for
+# (1, 3, 8), 3.32 for (2, 8), 5.31 for (4,). At N = 4 the rounds are 1, 3, 4 (`make bench` counts them).
 ROUNDS = (1, 3, 8)
 
 
