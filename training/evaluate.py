@@ -82,9 +82,9 @@ def choose_n(rows: list[dict[str, float]], current: int) -> str:
             "is on the plateau at the least cost there, so the default stays."
             if enough["n"] == current
             else f"keeps STRIP at {now['ms_per_image'] / enough['ms_per_image']:.1f}x the cost of N = {enough['n']} "
-            f"for {now['auroc'] - enough['auroc']:+.4f} AUROC; the fused verdict, not STRIP alone, decides, so "
-            "the default stays at the calibrated N (a smaller N needs the bundle re-calibrated: "
-            "`python -m training calibrate --strip-n N`)."
+            f"for {now['auroc'] - enough['auroc']:+.4f} AUROC; the fused verdict, not STRIP alone, decides, and "
+            "`make cost` (reports/cost.md) picks N by the fused verdict on every suite attack (another N needs the "
+            "bundle re-calibrated: `python -m training calibrate --strip-n N`)."
         )
     )
 
