@@ -248,13 +248,14 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
         "",
         "| attack | " + " | ".join(checks) + " |",
         "|---|" + "---|" * len(checks),
-        *[
-            f"| {b['attack']} | " + " | ".join("yes" if b[c] else "**no**" for c in checks) + " |"
-            for b in suite["bars"]
-        ],
+        *[f"| {b['attack']} | " + " | ".join(_met(b.get(c)) for c in checks) + " |" for b in suite["bars"]],
         "",
     ]
     return lines
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else "yes" if ok else "**no**"
 
 
 def render(r: dict[str, Any]) -> str:

@@ -283,6 +283,9 @@ def bars(report: dict[str, Any]) -> list[dict[str, Any]]:
             "as_sent_within_5pt": (worst_sent["tpr"] >= a["fused"]["tpr"] - 0.05
                                    and worst_sent["fpr"] <= a["fused"]["fpr"] + 0.05
                                    and worst_sent["attack_success_after"] <= a["attack_success_after"] + 0.05),
+            # the repaired model on its own (None: the bundle has none)
+            "repaired_acc>=original-1pt": (repaired["clean_accuracy"] >= a["clean_accuracy"] - 0.01
+                                           if (repaired := a.get("label_sources", {}).get("repaired")) else None),
             "worst_as_sent": worst_sent,
         })  # fmt: skip
     return rows

@@ -55,6 +55,9 @@ def test_bars_report_each_goal_per_attack() -> None:
 
     rows = bars({"attacks": {"good": entry(0.99, 0.01, 0.01, 0.97), "bad": entry(0.90, 0.03, 0.05, 0.80)}})
     good, bad = rows
-    assert all(good[k] for k in good if k not in ("attack", "worst_as_sent"))
+    assert all(good[k] for k in good if k not in ("attack", "worst_as_sent", "repaired_acc>=original-1pt"))
     assert not any(bad[k] for k in ("tpr>=95%", "fpr<=2%", "asr_after<=2%", "as_sent_within_5pt"))
     assert bad["clean_acc>=undefended-1pt"] and bad["worst_as_sent"]["tpr"] == 0.80
+    assert good["repaired_acc>=original-1pt"] is None  # no repaired model: not applicable, not "met"
+    repaired = {**entry(0.99, 0.01, 0.01, 0.97), "label_sources": {"repaired": {"clean_accuracy": 0.885}}}
+    assert not bars({"attacks": {"r": repaired}})[0]["repaired_acc>=original-1pt"]  # 0.885 < 0.9 - 0.01
