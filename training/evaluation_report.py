@@ -119,14 +119,16 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
         "triggered victims. No threshold is set per attack.",
         "",
         "| attack | arch | clean acc. | attack success | NC flagged | fused TPR / FPR (AUROC) "
-        "| attack success after | triggered given true label | clean acc. through the guard |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| fused TPR where the trigger worked | attack success after | triggered given true label "
+        "| clean acc. through the guard |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in attacks.items():
         f = a["fused"]
+        fired = a.get("fused_fired", {}).get("tpr")
         lines.append(
             f"| {name}: {a['description']} | {a['arch']} | {pct(a['clean_accuracy'])} | {pct(a['attack_success'])} "
-            f"| {a['nc_flagged']} | {pct(f['tpr'])} / {pct(f['fpr'])} ({f['auroc']:.4f}) "
+            f"| {a['nc_flagged']} | {pct(f['tpr'])} / {pct(f['fpr'])} ({f['auroc']:.4f}) | {pct(fired)} "
             f"| {pct(a['attack_success_after'])} | {pct(a['triggered_true_label'])} "
             f"| {pct(a['clean_accuracy_guarded'])} |"
         )

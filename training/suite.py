@@ -213,6 +213,7 @@ def measure(
     )
     m = metrics_of(o)
     fused, clf = m["fused"], m["classifier"]
+    fired = o.triggered["original"] == wanted
     raw = collect(build_pipeline(bundle, calibrated=False), half_b)  # clean calibration half B, unfused
     cal_b = {n: raw[n].score for n in o.signals}
     out: dict[str, Any] = {
@@ -226,6 +227,8 @@ def measure(
         "nc_anomaly_index": bundle.manifest["neural_cleanse"]["anomaly_index"],
         "signals": {k: {key: m[k][key] for key in ("tpr", "fpr", "auroc")} for k in o.signals},
         "fused": {key: fused[key] for key in ("tpr", "fpr", "auroc")},
+        # the triggered images the trigger worked on (the model gave the attacker's label): the ones that matter
+        "fused_fired": {"images": int(fired.sum()), "tpr": rate(o.triggered["backdoor"][fired])},
         "attack_success_after": fused["attack_success_after"],
         "triggered_true_label": fused["triggered_accuracy"],
         "clean_accuracy_guarded": fused["clean_accuracy"],

@@ -13,7 +13,8 @@ def fake_attack(tpr: float) -> dict:
     return {
         "description": "a trigger", "arch": "mlp", "images": {"clean": 100, "triggered": 90},
         "clean_accuracy": 0.9, "attack_success": 0.99, "nc_flagged": [1], "signals": signals,
-        "fused": {"tpr": tpr, "fpr": 0.01, "auroc": 0.99}, "attack_success_after": 0.01,
+        "fused": {"tpr": tpr, "fpr": 0.01, "auroc": 0.99}, "fused_fired": {"images": 80, "tpr": min(1.0, tpr + 0.05)},
+        "attack_success_after": 0.01,
         "triggered_true_label": 0.9, "clean_accuracy_guarded": 0.895, "as_sent": sent, "ablation": ablation,
         "label_sources": {"detrigger": source, "repaired": source},
     }  # fmt: skip
@@ -56,3 +57,4 @@ def test_render_suite_has_every_table_and_says_which_signal_carries_each_attack(
         assert heading in text
     assert "without detrigger the fused TPR falls by 10.0 points" in text
     assert "| two |" in text and "**no**" in text  # the 50% attack misses its bar, and says so
+    assert "| 50.00% / 1.00% (0.9900) | 55.00% |" in text  # beside it, the TPR where the trigger worked
