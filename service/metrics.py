@@ -50,8 +50,8 @@ class Metrics:
             "guard_signal_triggers", "Images each signal flagged on its own", ["signal"], registry=r
         )
         self.entropy = Histogram(
-            "guard_strip_entropy", "STRIP entropy (log2) of judged images: watch for drift", buckets=ENTROPY_BUCKETS,
-            registry=r,
+            "guard_strip_entropy", "STRIP entropy (log2) of judged images, over the overlays each ran: watch for drift",
+            buckets=ENTROPY_BUCKETS, registry=r,
         )  # fmt: skip
         self.stage = Counter(
             "guard_stage_seconds", "Time spent in each stage of the guard, summed over batches", ["stage"], registry=r
