@@ -37,9 +37,8 @@ import torch
 
 from service.bundle import Bundle, build_pipeline
 from service.preprocess import to_model_input
-from service.signals import Prediction
 from service.signals.strip import StripSignal
-from training.attacks import PRESETS, triggered_pixels
+from training.attacks import PRESETS, triggered_pixels, victims
 from training.classifier import load_classifier
 from training.cost import signal_passes
 from training.data import DataConfig, load_dataset
@@ -288,8 +287,7 @@ def art_detection(suite: dict[str, Any] | None, n: int, images: int) -> dict[str
     blended half and half with n clean images, the mean entropy of the predictions; low = triggered) over the
     bundle's own bank and classifier, AUROC on the first `images` test images and their triggered victims,
     next to the fused AUROC of reports/attack_suite.json. Attacks whose bundle is not built are left out."""
-    from training.attacks import victims
-    from training.metrics import auroc
+    from training.metrics import auroc, strip_entropies
     from training.suite import EVAL_ROOT, SUITE
 
     if suite is None:
@@ -303,20 +301,12 @@ def art_detection(suite: dict[str, Any] | None, n: int, images: int) -> dict[str
             continue
         bundle = Bundle.load(root)
         attack = PRESETS[SUITE[name].preset]
-        idx = victims(labels, attack)
-        strip = StripSignal(bundle.strip_bank, n, "mean", None)
-
-        def score(x: np.ndarray, strip: StripSignal = strip, bundle: Bundle = bundle) -> np.ndarray:
-            out = []
-            for i in range(0, len(x), 64):
-                chunk = x[i : i + 64]
-                pred = Prediction(*bundle.classify(strip.prepare(chunk)))
-                out.append(strip.evaluate(chunk, chunk, pred, pred).score)
-            return np.concatenate(out)
-
-        clean = score(to_model_input(pixels))
-        triggered = score(to_model_input(triggered_pixels(pixels[idx], attack)))
-        out[name] = {"art_strip_auroc": auroc(clean, triggered), "fused_auroc": entry["fused"]["auroc"]}
+        clean, _ = strip_entropies(bundle, to_model_input(pixels), n, blend="mean")
+        triggered, _ = strip_entropies(
+            bundle, to_model_input(triggered_pixels(pixels[victims(labels, attack)], attack)), n, blend="mean"
+        )
+        # low entropy = triggered: minus the entropy is the score
+        out[name] = {"art_strip_auroc": auroc(-clean, -triggered), "fused_auroc": entry["fused"]["auroc"]}
     return out
 
 
@@ -339,10 +329,14 @@ def naive_guard(bundle_root: Path, bank: np.ndarray, images: np.ndarray, n: int)
     return {"images": len(images), "images_per_s": len(images) / (time.perf_counter() - start)}
 
 
+def clean_runs(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The runs on clean traffic (the headline's), by concurrency."""
+    return {run["concurrency"]: run for run in runs if run.get("traffic", "clean") == "clean"}
+
+
 def headline(r: dict[str, Any]) -> dict[str, float]:
     """The keys issue 12 names, from the runs: concurrency 32 for throughput, 1 for latency."""
-    guarded = {run["concurrency"]: run for run in r["service"] if run.get("traffic", "clean") == "clean"}
-    plain = {run["concurrency"]: run for run in r["service_unguarded"] if run.get("traffic", "clean") == "clean"}
+    guarded, plain = clean_runs(r["service"]), clean_runs(r["service_unguarded"])
     roof = r["roofline"]
     return {
         "guarded_images_per_s": guarded[32]["throughput_rps"],
@@ -391,7 +385,7 @@ def detection_per_cost(passes: dict[str, float], suite: dict[str, Any] | None) -
 
 def render(r: dict[str, Any]) -> str:
     roof = r["roofline"]
-    svc = {run["concurrency"]: run for run in r["service"] if run.get("traffic", "clean") == "clean"}
+    svc = clean_runs(r["service"])
     mp = r["measured_passes"]
     h = headline(r)
     lines = [
@@ -525,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     ds = load_dataset(DataConfig())
     kwon = PRESETS["kwon"]
     # the traffic: 32 clean test images drawn at random (seeded), and 32 non-target ones with the kwon trigger
-    chosen = np.random.default_rng(0).choice(np.flatnonzero(ds.test.labels != kwon.target), 32, replace=False)
+    chosen = np.random.default_rng(0).choice(victims(ds.test.labels, kwon), 32, replace=False)
     clean_pngs = [encode_png(p) for p in ds.test.images[chosen]]
     triggered_pngs = [encode_png(p) for p in triggered_pixels(ds.test.images[chosen], kwon)]
     images = to_model_input(ds.test.images[: args.images])
@@ -539,10 +533,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_classifier(bundle.root / bundle.manifest["checkpoints"]["classifier"]["path"])
     passes = passes_per_image(bundle)
     test = ds.test.images[: args.pass_images]
-    victims_ = np.flatnonzero(ds.test.labels[: args.pass_images] != kwon.target)
-    measured = measured_passes(
-        bundle, {"clean": to_model_input(test), "triggered": to_model_input(triggered_pixels(test[victims_], kwon))}
-    )
+    stamped = triggered_pixels(test[victims(ds.test.labels[: args.pass_images], kwon)], kwon)
+    measured = measured_passes(bundle, {"clean": to_model_input(test), "triggered": to_model_input(stamped)})
     report: dict[str, Any] = {
         "command": " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, onnxruntime {ort.__version__}, "

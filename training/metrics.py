@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from service.bundle import Bundle, build_pipeline
-from service.guard import GuardResult, Prediction, StripSignal
+from service.guard import Blend, GuardResult, Prediction, StripSignal
 from service.signals.strip import strip_threshold
 from training.attacks import AttackConfig, ProbeTrigger, attack_labels, victims
 
@@ -186,9 +186,12 @@ def defender_metrics(
     }
 
 
-def strip_entropies(bundle: Bundle, images: np.ndarray, n: int, chunk: int = 64) -> tuple[np.ndarray, float]:
-    """STRIP alone at N overlays: (entropies (M,), seconds per image spent blending and classifying)."""
-    blend = bundle.manifest["configs"]["strip"]["blend"]
+def strip_entropies(
+    bundle: Bundle, images: np.ndarray, n: int, chunk: int = 64, blend: Blend | None = None
+) -> tuple[np.ndarray, float]:
+    """STRIP alone at N overlays (blended as the bundle's STRIP does, or as `blend` says): (entropies (M,),
+    seconds per image spent blending and classifying)."""
+    blend = blend or bundle.manifest["configs"]["strip"]["blend"]
     signal = StripSignal(bundle.strip_bank, n, blend, threshold=None)
     out, seconds = [], 0.0
     for i in range(0, len(images), chunk):
