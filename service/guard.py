@@ -26,7 +26,7 @@ from service.signals.detrigger import DetriggerSignal
 from service.signals.masked_ae import MaskedAESignal
 from service.signals.repaired import RepairedSignal
 from service.signals.squeeze import SqueezeSignal
-from service.signals.strip import Blend, StripSignal, strip_entropy, superimpose
+from service.signals.strip import Blend, StripSignal, overlay_entropies, strip_entropy, superimpose
 
 __all__ = [
     "RULES", "SOURCES", "ActivationSignal", "Blend", "Classify", "DetriggerSignal", "Fusion", "GuardPipeline",
@@ -267,7 +267,7 @@ class GuardPipeline:
         A non-finite score never decides (NaN compares false), so such an image runs every round and then
         fails the batch (fail_closed)."""
         assert self.fusion is not None
-        total = strip.entropies(first, strip.rounds[0]).sum(axis=1)
+        total = overlay_entropies(first.probs, strip.rounds[0]).sum(axis=1)
         done = np.full(len(x), strip.rounds[0])
         others = {name: r.score for name, r in results.items()}
         for r in range(1, len(strip.rounds)):
@@ -279,7 +279,7 @@ class GuardPipeline:
                 break
             pred = Prediction(*self.classify(strip.prepare_round(x[todo], r)))
             lap(f"{strip.name}.round{r + 1}")
-            total[todo] += strip.entropies(pred, strip.rounds[r] - strip.rounds[r - 1]).sum(axis=1)
+            total[todo] += overlay_entropies(pred.probs, strip.rounds[r] - strip.rounds[r - 1]).sum(axis=1)
             done[todo] = strip.rounds[r]
         return strip.result(total / done, done)
 

@@ -27,9 +27,14 @@ def superimpose(images: np.ndarray, overlays: np.ndarray, blend: Blend = "sum") 
     return mixed.reshape(-1, *images.shape[1:]).astype(np.float32, copy=False)
 
 
+def overlay_entropies(probs: np.ndarray, n: int) -> np.ndarray:
+    """(B * n, C) predictions of n overlays per image, image-major -> (B, n) per-copy entropies (log2)."""
+    return entropy_bits(probs).reshape(-1, n)
+
+
 def strip_entropy(probs: np.ndarray, n: int) -> np.ndarray:
     """(B * N, C) predictions of the overlays -> (B,) mean per-copy entropy (Gao et al., log2)."""
-    return entropy_bits(probs).reshape(-1, n).mean(axis=1)
+    return overlay_entropies(probs, n).mean(axis=1)
 
 
 def strip_threshold(entropies: np.ndarray, fpr: float) -> tuple[float, float, float]:
@@ -75,11 +80,6 @@ class StripSignal(Signal):
         """Round r's overlays of images x (round 0: the first `rounds[0]`)."""
         start = self.rounds[r - 1] if r else 0
         return superimpose(x, self.overlays[start : self.rounds[r]], self.blend)
-
-    @staticmethod
-    def entropies(pred: Prediction, k: int) -> np.ndarray:
-        """(B * k, C) predictions of k overlays per image -> (B, k) entropies in bits."""
-        return entropy_bits(pred.probs).reshape(-1, k)
 
     def score_range(self, total: np.ndarray, done: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
         """The least and largest score (minus the mean entropy of all N overlays) an image can still reach, given
