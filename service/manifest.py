@@ -239,6 +239,12 @@ def signal_names(manifest: Mapping[str, Any]) -> list[str]:
     return list(listed) if isinstance(listed, dict) else list(SIGNALS)
 
 
+def _params(manifest: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """The manifest's parameters of signal `name` (none for bundles without a `signals` list)."""
+    params = _at(manifest, f"signals.{name}")
+    return params if isinstance(params, dict) else {}
+
+
 def _io_problems(manifest: Mapping[str, Any], models: Mapping[str, ModelIO], chw: list[int]) -> list[str]:
     """The tensors the service feeds and fetches exist, image tensors are [batch, *chw], and the manifest
     records each model's tensors as the session reports them."""
@@ -362,12 +368,18 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
             if _is_int(runs):
                 rules.append(("thresholds.strip.n", matches(runs, "the N the strip signal runs at")))
         for name in names:
-            if (bounds := REGISTRY[name].threshold_bounds(classes)) is not None:
+            if (bounds := REGISTRY[name].threshold_bounds(classes, _params(manifest, name))) is not None:
                 rules.append((f"thresholds.{name}.threshold", real(*bounds)))
         length = len(levels) if isinstance(levels, list) else None
         rules += [(f"thresholds.fused.quantiles.{s}", series(real(), strict=False, length=length)) for s in names]
         rules += [(f"thresholds.fused.tail_scale.{s}", real(0, open_lo=True)) for s in names]
     problems = _io_problems(manifest, models, chw)
+    for name in names:  # each signal's own parameters, and those its threshold was fitted with
+        if isinstance(manifest.get("signals"), dict) and not isinstance(manifest["signals"][name], dict):
+            problems.append(f"signals.{name}: must be an object of parameters")
+        fitted = _at(manifest, f"thresholds.{name}")
+        calibrated = None if "thresholds" not in manifest else fitted if isinstance(fitted, dict) else {}
+        problems += REGISTRY[name].parameter_problems(_params(manifest, name), calibrated)
     for where, check in rules:
         value = _at(manifest, where)
         if problem := "missing" if value is _MISSING else check(value):

@@ -41,7 +41,11 @@ def test_headline_keys_and_the_bar_table() -> None:
         },
         "service_unguarded": [run(1, 400, 3.0), run(8, 800, 9), run(32, 500, 60)],
         "stages": {"decode": 0.1, "mean_batch_size": 4.0},
-        "roofline": {"classifier_images_per_s": 17000.0, "passes_per_image": 34.0, "guarded_images_per_s": 500.0},
+        "roofline": {"classifier_images_per_s": 17000.0, "passes_per_image": 34.0, "guarded_images_per_s": 500.0,
+                     "classifier_passes_only_images_per_s": 17000.0 / 34,
+                     "models": {"classifier": {"images_per_s": 17000.0, "rows_per_image": 34.0},
+                                "detrigger_ae": {"images_per_s": 10000.0, "rows_per_image": 1.0}}},
+        "in_process": {"16": 400.0, "256": 450.0},
         "art": {"images_per_s": 100.0}, "art_n32": {"images_per_s": 50.0}, "naive": {"images_per_s": 50.0},
         "art_detection": {"kwon": {"art_strip_auroc": 0.99, "fused_auroc": 0.999},
                           "wanet": {"art_strip_auroc": 0.8, "fused_auroc": 0.7}},
@@ -64,7 +68,10 @@ def test_headline_keys_and_the_bar_table() -> None:
     assert "| on | triggered | 32 | 100 | 0 | 900.0 |" in text
     assert "**12.50** per clean image, **4.00** per triggered one (kwon), against 34 with every overlay" in text
     assert "clean 2: 8, 32: 2; triggered 2: 9." in text
-    assert "| >= 0.8 of the roofline (34.00 classifier passes per clean image) | 0.60 | **no** |" in text
+    assert "| >= 0.8 of the roofline (34.00 classifier passes and 1.00 autoencoder passes per clean image) | 0.60 |" \
+        " **no** |" in text
+    assert h["in_process_efficiency_b16"] == pytest.approx(0.8) and "at batch 16 | 400.0 | 0.75 |" in text
+    assert "| the same counting classifier passes only (the classifier / 34.00; " in text
     assert h["over_art_strip_n32"] == pytest.approx(6.0) and h["art_strip_n32_images_per_s"] == 50.0
     assert "| >= 5x ART's STRIP (N = 32, as the issue names it) | 6.0x | yes |" in text
     assert "| the same at the bundle's N = 32 | 3.0x | **no** |" in text
@@ -88,3 +95,6 @@ def test_measured_passes_count_every_row_the_guard_classifies(fashion_mnist) -> 
     expected = fixed + sum(k * v for k, v in overlays.items()) / 96
     assert measured["passes_per_image"] == pytest.approx(expected)
     assert measured["passes_per_image"] < bench.passes_per_image(bundle)["total"]
+    rows = measured["rows_per_image"]  # by model; the autoencoder is counted, beside the classifier-sized ones
+    assert rows["detrigger_ae"] == 1.0 and rows["repaired_classifier"] == 1.0 and rows["backdoor_expert"] == 1.0
+    assert rows["classifier"] == pytest.approx(expected - 2)

@@ -148,6 +148,8 @@ def calibrate(
     _, idx_a, idx_b = split_calibration(len(images), config)
     raw = build_pipeline(bundle, strip_n=config.strip_n, calibrated=False)
     thresholds = fit_thresholds(collect(raw, images[idx_a]), collect(raw, images[idx_b]), config)
+    for signal in raw.signals:  # what each threshold was fitted to (the manifest check refuses another)
+        thresholds[signal.name].update(signal.calibrated_with())
     # Stand-in attacks: Neural Cleanse's reversed trigger of each watched label on half B's other labels.
     bundle.manifest["thresholds"] = thresholds
     guard = build_pipeline(bundle, strip_n=config.strip_n, early_exit=False)

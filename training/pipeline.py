@@ -61,7 +61,7 @@ STAGES = (
 # the suite's ablation showed neither adds a point of TPR on any attack, and under the Fisher fusion every
 # extra signal's clean noise raises the threshold (make evaluate: reports/evaluation.md, ablation).
 SIGNALS: dict[str, dict[str, object]] = {
-    "detrigger": {}, "strip": {}, "activation": {}, "repaired": {}, "expert": {},
+    "detrigger": {}, "strip": {}, "activation": {}, "repaired": {"score": "jeffreys"}, "expert": {},
 }  # fmt: skip
 SIGNAL_MODELS = {"repaired": "repaired_classifier", "expert": "backdoor_expert"}  # signal -> the model it runs
 DERIVED_MODELS = tuple(SIGNAL_MODELS.values())  # copies of the classifier that stages fine-tune (repair, expert)
@@ -76,6 +76,13 @@ CACHE_ENV = "GUARD_CACHE_DIR"  # default build/cache
 def bundle_signals(files: Collection[str]) -> list[str]:
     """The SIGNALS a bundle with these model files runs."""
     return [name for name in SIGNALS if name not in SIGNAL_MODELS or SIGNAL_MODELS[name] in files]
+
+
+def signal_params(files: Collection[str], calibration: CalibrationConfig) -> dict[str, dict[str, object]]:
+    """The manifest's `signals` of a new bundle with these model files: name -> parameters (STRIP's N and
+    blend from the calibration config)."""
+    strip = {"n": calibration.strip_n, "blend": calibration.strip_blend}
+    return {name: strip if name == "strip" else SIGNALS[name] for name in bundle_signals(files)}
 
 
 @dataclass(frozen=True)
@@ -423,15 +430,7 @@ class Builder:
             files=files,
             checkpoints=checkpoints,
             neural_cleanse=nc.summary(),
-            signals={
-                name: (
-                    {"n": self.config.calibration.strip_n, "blend": self.config.calibration.strip_blend}
-                    if name == "strip"
-                    else params
-                )
-                for name, params in SIGNALS.items()
-                if name in bundle_signals(files)
-            },
+            signals=signal_params(files, self.config.calibration),
             configs=to_jsonable(
                 {
                     "attack": c.attack_config if self.user_classifier is None else None,

@@ -31,7 +31,7 @@ from training.classifier import ClassifierConfig
 from training.common import to_jsonable
 from training.data import DataConfig
 from training.metrics import Outcome, TriggeredSet, metrics_of, outcome_of, rate
-from training.pipeline import DERIVED_MODELS, BuildConfig, Builder, bundle_signals
+from training.pipeline import DERIVED_MODELS, BuildConfig, Builder, signal_params
 
 log = logging.getLogger(__name__)
 EVAL_ROOT = Path("build/eval")
@@ -120,7 +120,7 @@ def _current(builder: Builder, shipped: Path) -> bool:
         m.get("checkpoints", {}).get(k, {}).get("sha256") == s["checkpoints"][k]["sha256"]
         for k in ("detrigger_ae", "masked_ae")
     )
-    same_signals = list(m.get("signals", {})) == bundle_signals(m["files"])
+    same_signals = m.get("signals") == signal_params(m["files"], config.calibration)  # names and parameters
     same_config = "thresholds" in m and all(
         m["configs"].get(part) == to_jsonable(getattr(config, part))
         for part in ("classifier", "repair", "expert", "calibration")

@@ -108,9 +108,21 @@ class Signal(ABC):
         return {"threshold": threshold, "calibration_fpr": float(np.mean(results.score > threshold))}
 
     @classmethod
-    def threshold_bounds(cls, classes: int) -> tuple[float, float] | None:
-        """The range a calibrated threshold must lie in (manifest validation); None: the signal has none."""
+    def threshold_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
+        """The range a calibrated threshold must lie in (manifest validation; params: the manifest's parameters
+        of the signal); None: the signal has none."""
         return (-np.inf, np.inf)
+
+    def calibrated_with(self) -> dict[str, Any]:
+        """The parameters its scores depend on, recorded beside its threshold by calibration."""
+        return {}
+
+    @classmethod
+    def parameter_problems(cls, params: Mapping[str, Any], calibrated: Mapping[str, Any] | None) -> list[str]:
+        """Manifest validation of its parameters (`signals.NAME`), and of the parameters recorded with its
+        threshold (`thresholds.NAME`; None before calibration) against them: a threshold fitted to another
+        score cannot be trusted."""
+        return []
 
     def report(self, result: SignalResult, i: int) -> dict[str, Any]:
         """Image i's evidence as JSON values: its own verdict, the evidence arrays, the threshold."""

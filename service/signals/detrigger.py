@@ -43,5 +43,5 @@ class DetriggerSignal(Signal):
         return {"rule": "label_change", "calibration_fpr": float(np.mean(results.triggered))}
 
     @classmethod
-    def threshold_bounds(cls, classes: int) -> tuple[float, float] | None:
+    def threshold_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
         return None

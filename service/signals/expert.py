@@ -9,6 +9,9 @@ calibrated on clean images. One more pass per image, through its own ONNX model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from service.signals.base import Prediction, SecondOpinion, SignalResult, above
@@ -41,5 +44,5 @@ class ExpertSignal(SecondOpinion):
         return SignalResult(score=score, triggered=above(score, self.threshold), evidence=evidence)
 
     @classmethod
-    def threshold_bounds(cls, classes: int) -> tuple[float, float] | None:
+    def threshold_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
         return (-np.inf, 0.0)  # a log-probability

@@ -31,5 +31,5 @@ class MaskedAESignal(Signal):
         return drop_result(original, pred, self.threshold, images=extra)
 
     @classmethod
-    def threshold_bounds(cls, classes: int) -> tuple[float, float] | None:
+    def threshold_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
         return (-1.0, 1.0)  # a drop in probability

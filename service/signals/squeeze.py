@@ -59,5 +59,5 @@ class SqueezeSignal(Signal):
         )
 
     @classmethod
-    def threshold_bounds(cls, classes: int) -> tuple[float, float] | None:
+    def threshold_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
         return (0.0, 2.0)  # an L1 distance between two probability vectors

@@ -110,7 +110,7 @@ class StripSignal(Signal):
         }  # fmt: skip
 
     @classmethod
-    def threshold_bounds(cls, classes: int) -> tuple[float, float] | None:
+    def threshold_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
         # An entropy in bits; below 0 is legitimate: a normal fitted to skewed clean entropies (Gao et al.) can
         # put its 1% point there, and the signal then never fires on its own (fusion still uses it).
         return (-np.inf, float(np.log2(classes)))

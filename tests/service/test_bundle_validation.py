@@ -112,6 +112,11 @@ BAD_EDITS = [
     ("configs.strip.blend", "max", "configs.strip.blend"),
     ("thresholds.strip.n", 12, "thresholds.strip.n"),  # calibrated at another N than the signal runs at
     ("signals.strip.n", 12, "thresholds.strip.n"),
+    ("thresholds.repaired.score", "drop", "thresholds.repaired.score"),  # fitted to the legacy score
+    ("signals.repaired.score", "drop", "thresholds.repaired.score"),
+    ("signals.repaired.score", "kl", "signals.repaired.score"),
+    ("signals.repaired", "jeffreys", "signals.repaired"),
+    ("thresholds.repaired.threshold", -0.5, "thresholds.repaired.threshold"),  # a divergence: >= 0
     ("neural_cleanse.activation_neurons.0", [155, 200], "neural_cleanse.activation_neurons"),  # 200 features
     ("neural_cleanse.activation_neurons.0", [], "neural_cleanse.activation_neurons"),
     ("neural_cleanse.activation_neurons", {"10": [155]}, "neural_cleanse.activation_neurons"),
@@ -157,6 +162,19 @@ def test_every_problem_is_reported_at_once(bundle: Path) -> None:
     message = refusal(bundle)
     assert "thresholds.fused.threshold: 2.0" in message and "configs.strip.blend: " in message
     assert message.count("; ") == 1
+
+
+def test_a_bundle_from_before_the_repaired_score_runs_the_drop_it_was_calibrated_with(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["signals"]["repaired"]["score"], manifest["thresholds"]["repaired"]["score"]
+    manifest["thresholds"]["repaired"]["threshold"] = 0.5
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    from service.bundle import build_pipeline
+
+    repaired = next(s for s in build_pipeline(Bundle.load(bundle)).signals if s.name == "repaired")
+    assert repaired.score == "drop" and repaired.threshold == 0.5  # type: ignore[attr-defined]
+    put(bundle, "thresholds.repaired.threshold", 2.0)  # a drop lies in [-1, 1]
+    assert "thresholds.repaired.threshold" in refusal(bundle)
 
 
 def test_an_uncalibrated_bundle_still_loads_for_calibration(bundle: Path) -> None:

@@ -5,6 +5,7 @@ import pytest
 
 from service.guard import DetriggerSignal, GuardPipeline, Prediction, RepairedSignal, SqueezeSignal
 from service.signals import LEGACY, REGISTRY, Signal
+from service.signals.repaired import jeffreys
 from service.signals.squeeze import median_smooth, reduce_bits
 
 RNG = np.random.default_rng(0)
@@ -69,7 +70,7 @@ def test_repaired_model_runs_once_per_batch_and_is_the_label_source_for_flagged_
 
     from service.guard import Fusion
 
-    signals = [DetriggerSignal(lambda im: im), RepairedSignal(threshold=0.5)]
+    signals = [DetriggerSignal(lambda im: im), RepairedSignal(threshold=0.5, score="drop")]
     # the fused score is the repaired signal's percentile; a drop above 0.5 is past the threshold
     fusion = Fusion(np.array([0.0, 0.5, 0.9]), {"detrigger": np.array([2.0, 3.0, 4.0]),
                     "repaired": np.array([-1.0, 0.0, 0.5])}, {"detrigger": 1.0, "repaired": 0.01}, 0.95)  # fmt: skip
@@ -87,6 +88,34 @@ def test_repaired_model_runs_once_per_batch_and_is_the_label_source_for_flagged_
         GuardPipeline(original, signals, fusion)  # a signal's model must be given
     with pytest.raises(ValueError, match="label source"):
         GuardPipeline(original, signals[:1], fusion, source="repaired")  # no repaired signal to take it from
+
+
+def test_jeffreys_divergence_hand_computed_symmetric_and_finite_where_probabilities_round() -> None:
+    p, q = np.array([0.7, 0.2, 0.1]), np.array([0.1, 0.3, 0.6])
+    expected = float(np.sum(p * np.log(p / q)) + np.sum(q * np.log(q / p)))
+    np.testing.assert_allclose(jeffreys(np.log(p)[None], np.log(q)[None]), [expected], rtol=1e-12)
+    a, b = RNG.normal(size=(50, 10)) * 5, RNG.normal(size=(50, 10)) * 5
+    np.testing.assert_allclose(jeffreys(a, b), jeffreys(b, a), rtol=1e-12)
+    assert (jeffreys(a, b) > 0).all() and (jeffreys(a, a + 3.0) < 1e-12).all()  # every logit shifted: the same p
+    sure = np.array([[1000.0, 0.0, 0.0], [0.0, 1000.0, 0.0]])  # probabilities of exactly 1 and 0 in float64
+    far = jeffreys(sure, sure[::-1])
+    assert np.isfinite(far).all() and (far > 900).all()  # the log-ratio of 1000 survives the rounding
+    assert np.isnan(jeffreys(np.array([[np.nan, 0.0]]), np.zeros((1, 2)))).all()  # fails closed downstream
+
+
+def test_repaired_signal_scores_the_divergence_or_the_legacy_drop() -> None:
+    original = Prediction(np.log(np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25]])), np.zeros((2, 2)))
+    repaired = Prediction(np.log(np.array([[0.05, 0.9, 0.05], [0.35, 0.4, 0.25]])), np.zeros((2, 2)))
+    x = np.zeros((2, 1, 2, 2), np.float32)
+    new = RepairedSignal(threshold=1.0).evaluate(x, x, original, repaired)
+    old = RepairedSignal(threshold=0.5, score="drop").evaluate(x, x, original, repaired)
+    np.testing.assert_allclose(new.score, jeffreys(original.logits, repaired.logits))
+    np.testing.assert_allclose(old.score, [0.85, 0.05], atol=1e-12)
+    np.testing.assert_allclose(new.evidence["drop"], old.score)  # shown either way
+    # the outright disagreement (a fired trigger) is far; the hesitation between two labels is near
+    assert new.triggered.tolist() == [True, False] and new.score[0] > 100 * new.score[1]
+    with pytest.raises(ValueError, match="repaired score"):
+        RepairedSignal(threshold=None, score="kl")
 
 
 def test_both_sources_average_their_probabilities() -> None:

@@ -45,6 +45,8 @@ def test_manifest_describes_every_file(smoke: tuple[Path, Path]) -> None:
     assert {"detrigger", "strip", "activation", "repaired", "expert", "fused"} <= set(th)
     assert th["fused"]["rule"] == "fisher"
     assert th["target_fpr"] == 0.01 and th["strip"]["n"] == 8
+    # the repaired signal's score is named where it runs and where its threshold was fitted
+    assert manifest["signals"]["repaired"] == {"score": "jeffreys"} and th["repaired"]["score"] == "jeffreys"
     assert manifest["metrics"]["control"]["flagged_labels"] is not None
     assert (out / "report.md").read_text().startswith("# Guard bundle")
 
