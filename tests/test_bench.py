@@ -68,8 +68,10 @@ def test_headline_keys_and_the_bar_table() -> None:
     assert "| on | triggered | 32 | 100 | 0 | 900.0 |" in text
     assert "**12.50** per clean image, **4.00** per triggered one (kwon), against 34 with every overlay" in text
     assert "clean 2: 8, 32: 2; triggered 2: 9." in text
-    assert "| >= 0.8 of the roofline (34.00 classifier passes and 1.00 autoencoder passes per clean image) | 0.60 |" \
+    assert (
+        "| >= 0.8 of the roofline (34.00 classifier passes and 1.00 autoencoder passes per clean image) | 0.60 |"
         " **no** |" in text
+    )
     assert h["in_process_efficiency_b16"] == pytest.approx(0.8) and "at batch 16 | 400.0 | 0.75 |" in text
     assert "| the same counting classifier passes only (the classifier / 34.00; " in text
     assert h["over_art_strip_n32"] == pytest.approx(6.0) and h["art_strip_n32_images_per_s"] == 50.0

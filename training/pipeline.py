@@ -81,7 +81,7 @@ def bundle_signals(files: Collection[str]) -> list[str]:
 def signal_params(files: Collection[str], calibration: CalibrationConfig) -> dict[str, dict[str, object]]:
     """The manifest's `signals` of a new bundle with these model files: name -> parameters (STRIP's N and
     blend from the calibration config)."""
-    strip = {"n": calibration.strip_n, "blend": calibration.strip_blend}
+    strip: dict[str, object] = {"n": calibration.strip_n, "blend": calibration.strip_blend}
     return {name: strip if name == "strip" else SIGNALS[name] for name in bundle_signals(files)}
 
 
