@@ -39,6 +39,16 @@ def pipeline_for(settings: Settings, bundle: Bundle) -> GuardPipeline:
     return pipeline
 
 
+CHUNK_ROWS = 280  # classifier rows per guard call by default: 8 images at STRIP N = 32, as reports/soak.md measured
+
+
+def chunk_images(pipeline: GuardPipeline, one: np.ndarray) -> int:
+    """The default chunk: as many images as make CHUNK_ROWS rows in the classifier's call when every STRIP overlay
+    runs (the largest call the guard makes; the image itself is one row). one: a single model input."""
+    rows = 1 + sum(len(s.prepare(one)) for s in pipeline.signals if s.model == "classifier")
+    return max(1, CHUNK_ROWS // rows)
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -47,6 +57,7 @@ class Runtime:
     batcher: MicroBatcher
     metrics: Metrics
     decoder: Decoder
+    chunk_images: int  # most images per guard call (GUARD_CHUNK_IMAGES, or derived: `chunk_images`)
     ready: bool = False
     warmup_error: str | None = None
 
@@ -60,8 +71,10 @@ class Runtime:
         pipeline = pipeline_for(settings, bundle)
         metrics = Metrics([s.name for s in pipeline.signals])
         pipeline.on_stage = lambda stage, seconds: metrics.stage.labels(stage=stage).inc(seconds)
+        chunk = settings.chunk_images or chunk_images(pipeline, bundle.strip_bank[:1])
+        log.info("the guard runs at most %d images per call (GUARD_CHUNK_IMAGES)", chunk)
         batcher = MicroBatcher(
-            lambda images: pipeline.run_in_chunks(images, settings.chunk_images),
+            lambda images: pipeline.run_in_chunks(images, chunk),
             settings.max_batch,
             settings.max_delay_ms / 1000,
             settings.max_queue,
@@ -79,7 +92,7 @@ class Runtime:
         decoder = Decoder(
             bundle.preprocessing, settings.max_pixels, settings.decode_budget_pixels, settings.decode_threads
         )
-        return cls(settings, bundle, pipeline, batcher, metrics, decoder)
+        return cls(settings, bundle, pipeline, batcher, metrics, decoder, chunk)
 
     def warm_up_images(self) -> np.ndarray:
         """The warm-up batch: a few clean images of the STRIP bank, float32 (B, 1, H, W)."""
