@@ -39,14 +39,20 @@ def pipeline_for(settings: Settings, bundle: Bundle) -> GuardPipeline:
     return pipeline
 
 
-CHUNK_ROWS = 280  # classifier rows per guard call by default: 8 images at STRIP N = 32, as reports/soak.md measured
+# The default chunk (GUARD_CHUNK_IMAGES=0): CHUNK_ROWS classifier rows with every STRIP overlay, and never fewer
+# than MIN_CHUNK_IMAGES images, which single-image traffic at concurrency 8 batches anyway. bench/soak.py measured
+# 64-image batches at 1.19x the single-image steady state's memory with 16-image chunks at N = 4 (1.80x with 46),
+# and 1.06x with 8-image chunks at N = 32; a whole batch of the service at concurrency 32 (about 16 images) runs
+# in one call, where 8-image chunks cost a fifth of the guard's throughput (a scratch run).
+CHUNK_ROWS = 96
+MIN_CHUNK_IMAGES = 8
 
 
 def chunk_images(pipeline: GuardPipeline, one: np.ndarray) -> int:
-    """The default chunk: as many images as make CHUNK_ROWS rows in the classifier's call when every STRIP overlay
-    runs (the largest call the guard makes; the image itself is one row). one: a single model input."""
+    """The default chunk for this pipeline: CHUNK_ROWS rows in the classifier's call when every STRIP overlay
+    runs (its largest call; the image itself is one row), at least MIN_CHUNK_IMAGES. one: a single model input."""
     rows = 1 + sum(len(s.prepare(one)) for s in pipeline.signals if s.model == "classifier")
-    return max(1, CHUNK_ROWS // rows)
+    return max(MIN_CHUNK_IMAGES, CHUNK_ROWS // rows)
 
 
 @dataclass

@@ -63,15 +63,14 @@ class Settings(BaseSettings):
     )
     # ONNX Runtime's arenas keep the memory of the largest call they have seen: unchunked, batches of 64 images
     # (2,240 classifier rows at STRIP N = 32) held about 1 GB for good (the hardening issue measured 1,011 MiB).
-    # Larger batches run as consecutive chunks, so a batch of 64 holds what single-image traffic at concurrency
-    # 8 holds anyway (reports/soak.md). By default a chunk is as many images as make CHUNK_ROWS classifier rows
-    # with every STRIP overlay (runtime.chunk_images): 8 at N = 32, as the soak measured, 46 at N = 4, where a
-    # fixed 8 cost a fifth of the guard's throughput at the service's batch of 16 (in a scratch run).
+    # Larger batches run as consecutive chunks, so a batch of 64 holds little more than single-image traffic at
+    # concurrency 8 holds anyway (reports/soak.md). The default is derived from the bundle's STRIP N
+    # (service.runtime.chunk_images): 16 images at N = 4, 8 at N = 32.
     chunk_images: int = Field(
         0,
         ge=0,
         description="most images the guard runs through its models at once (bounds a batch's memory); "
-        "0 = as many as make 280 classifier rows with every STRIP overlay",
+        "0 = as many as make 96 classifier rows with every STRIP overlay, at least 8",
     )
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     prefer_gpu: bool = Field(True, description="use the CUDA provider when onnxruntime-gpu sees a GPU")

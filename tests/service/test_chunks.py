@@ -4,18 +4,19 @@ import numpy as np
 
 from service.bundle import Bundle, build_pipeline
 from service.guard import GuardResult
-from service.runtime import CHUNK_ROWS, Runtime, chunk_images
+from service.runtime import CHUNK_ROWS, MIN_CHUNK_IMAGES, Runtime, chunk_images
 from service.settings import Settings
 from tests.conftest import MODELS
 
 
-def test_the_default_chunk_keeps_the_classifier_call_at_the_same_rows_whatever_stripn() -> None:
+def test_the_default_chunk_bounds_the_classifier_call_by_rows_whatever_strip_n() -> None:
     bundle = Bundle.load(MODELS)
     one = bundle.strip_bank[:1]
     n = bundle.manifest["signals"]["strip"]["n"]
-    assert chunk_images(build_pipeline(bundle), one) == CHUNK_ROWS // (n + 2)  # the image, its restoration, N overlays
-    assert chunk_images(build_pipeline(bundle, strip_n=32), one) == 8  # what reports/soak.md measured at N = 32
-    assert Runtime.build(Settings(), bundle).chunk_images == CHUNK_ROWS // (n + 2)
+    default = max(MIN_CHUNK_IMAGES, CHUNK_ROWS // (n + 2))  # the image, its restoration, N overlays
+    assert chunk_images(build_pipeline(bundle), one) == default == 16  # at the shipped N = 4, as soak.md measured
+    assert chunk_images(build_pipeline(bundle, strip_n=32), one) == 8  # never fewer: what N = 32 was measured at
+    assert Runtime.build(Settings(), bundle).chunk_images == default
     assert Runtime.build(Settings(chunk_images=3), bundle).chunk_images == 3  # the setting wins
 
 
