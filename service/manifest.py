@@ -347,6 +347,9 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
     needed = {REGISTRY[n].model for n in names} - models.keys()
     if needed:
         raise BundleError(f"{MANIFEST}: signals {names} need model(s) {sorted(needed)}, which files does not list")
+    references = {ref for n in names if (ref := REGISTRY[n].reference) is not None} - manifest["files"].keys()
+    if references:
+        raise BundleError(f"{MANIFEST}: signals {names} need file(s) {sorted(references)}, which files does not list")
     if "thresholds" in manifest:  # absent until calibration, which loads the bundle to compute them
         levels = _at(manifest, "thresholds.fused.levels")
         rules += [

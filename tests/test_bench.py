@@ -19,7 +19,8 @@ def test_passes_per_image_counts_what_each_signal_hands_its_model() -> None:
     bundle = Bundle.load(MODELS)
     passes = bench.passes_per_image(bundle)
     n = bundle.manifest["signals"]["strip"]["n"]
-    expected = {"image": 1.0, "detrigger": 1.0, "strip": float(n), "activation": 0.0, "repaired": 1.0, "expert": 1.0}
+    expected = {"image": 1.0, "detrigger": 1.0, "strip": float(n), "activation": 0.0, "repaired": 1.0, "expert": 1.0,
+                "mahalanobis": 0.0}  # fmt: skip
     assert {k: v for k, v in passes.items() if k != "total"} == expected
     assert passes["total"] == sum(expected.values())
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from service.bundle import Bundle, read_manifest, sha256_file
@@ -61,7 +62,7 @@ STAGES = (
 # the suite's ablation showed neither adds a point of TPR on any attack, and under the Fisher fusion every
 # extra signal's clean noise raises the threshold (make evaluate: reports/evaluation.md, ablation).
 SIGNALS: dict[str, dict[str, object]] = {
-    "detrigger": {}, "strip": {}, "activation": {}, "repaired": {"score": "jeffreys"}, "expert": {},
+    "detrigger": {}, "strip": {}, "activation": {}, "repaired": {"score": "jeffreys"}, "expert": {}, "mahalanobis": {},
 }  # fmt: skip
 SIGNAL_MODELS = {"repaired": "repaired_classifier", "expert": "backdoor_expert"}  # signal -> the model it runs
 DERIVED_MODELS = tuple(SIGNAL_MODELS.values())  # copies of the classifier that stages fine-tune (repair, expert)
@@ -366,6 +367,28 @@ class Builder:
         model, facts = train_expert(model, self.x_cal[idx], y, self.num_classes, self.config.expert)
         self._save_derived("backdoor_expert", model, {"expert": self.config.expert, **facts})
 
+    def _references(self, files: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The files the bundle's signals fit on clean data (Signal.reference), from the exported classifier and
+        the calibration images no threshold is fitted on (the STRIP bank and the repair share)."""
+        from service.signals import REGISTRY
+
+        idx = repair_indices(len(self.x_cal), self.config.calibration)
+        session = ort.InferenceSession(str(self.out / files["classifier"]["path"]), providers=["CPUExecutionProvider"])
+
+        def classify(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            logits, features = session.run(["logits", "features"], {"images": images})
+            return logits, features
+
+        out = {}
+        for name in signal_params(files, self.config.calibration):
+            signal = REGISTRY[name]
+            if signal.reference is not None:
+                path = self.out / f"{signal.reference}.npz"
+                labels = self.dataset.calibration.labels[idx]
+                signal.fit_reference(classify, self.x_cal[idx], labels, self.num_classes, path)
+                out[signal.reference] = {"path": path.name, "sha256": sha256_file(path)}
+        return out
+
     def stage_export(self) -> None:
         cfg = self.config.export
         example = (torch.from_numpy(self.x_cal[: cfg.parity_images]),)
@@ -409,6 +432,7 @@ class Builder:
         }
         bank_idx, _, _ = split_calibration(len(self.x_cal), self.config.calibration)
         files["strip_bank"] = write_bank(self.out / "strip_bank.npy", self.x_cal[bank_idx])
+        files.update(self._references(files))
         # The PyTorch sources ride along (small) so that anyone can repeat the parity check or fine-tune.
         sources = {
             "classifier": self.classifier_path,

@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -82,6 +83,8 @@ class Signal(ABC):
     name: ClassVar[str]
     model: ClassVar[str] = "classifier"  # the bundle model that classifies `prepare`'s images
     threshold: float | None = None  # on the signal's own evidence (see `report`); None before calibration
+    # A bundle file (manifest `files` key) the signal fits on clean data at export (`fit_reference`); None: none
+    reference: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -92,6 +95,15 @@ class Signal(ABC):
     def from_bundle(cls, bundle: Bundle, params: Mapping[str, Any], threshold: float | None) -> Signal:
         """Build the signal from the bundle's files, its manifest parameters and its calibrated threshold."""
         raise NotImplementedError(f"signal {cls.__name__} cannot be built from a bundle")
+
+    @classmethod
+    def fit_reference(
+        cls, classify: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], images: np.ndarray, labels: np.ndarray,
+        classes: int, path: Path,
+    ) -> None:  # fmt: skip
+        """Write the `reference` file to `path` from clean images, their true labels and the exported classifier
+        (images -> logits, features). Only for signals with a reference."""
+        raise NotImplementedError(f"signal {cls.__name__} has no reference to fit")
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
         """Extra images this signal needs classified; none by default."""

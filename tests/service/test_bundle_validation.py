@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app, load_bundle
-from service.bundle import Bundle, BundleError
+from service.bundle import Bundle, BundleError, build_pipeline, sha256_file
 from service.guard import DetriggerSignal, Fusion, GuardPipeline, NonFiniteScore, Prediction, Signal, SignalResult
 from service.settings import Settings
 from tests.conftest import MODELS, ROOT
@@ -149,6 +149,20 @@ def test_a_bad_manifest_value_is_refused_with_one_line_naming_it(
     assert field in refusal(bundle)
 
 
+def test_a_signal_whose_reference_file_is_missing_or_wrong_is_refused(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = manifest["files"].pop("feature_gaussian")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert "need file(s) ['feature_gaussian']" in refusal(bundle)
+    manifest["files"]["feature_gaussian"] = entry
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    np.savez(bundle / entry["path"], means=np.zeros((9, 200), np.float32), precision=np.eye(200, dtype=np.float32))
+    assert "feature_gaussian" in refusal(bundle)  # the file no longer has the digest the manifest records
+    put(bundle, "files.feature_gaussian.sha256", sha256_file(bundle / entry["path"]))
+    with pytest.raises(BundleError, match=r"means \[9, 200\] must be \[10, 200\]"):
+        build_pipeline(Bundle.load(bundle))  # nine class means for ten classes
+
+
 def test_a_signal_whose_model_is_missing_is_refused(bundle: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["files"]["repaired_classifier"]
@@ -169,7 +183,6 @@ def test_a_bundle_from_before_the_repaired_score_runs_the_drop_it_was_calibrated
     del manifest["signals"]["repaired"]["score"], manifest["thresholds"]["repaired"]["score"]
     manifest["thresholds"]["repaired"]["threshold"] = 0.5
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    from service.bundle import build_pipeline
 
     repaired = next(s for s in build_pipeline(Bundle.load(bundle)).signals if s.name == "repaired")
     assert repaired.score == "drop" and repaired.threshold == 0.5  # type: ignore[attr-defined]

@@ -178,3 +178,30 @@ def test_expert_runs_once_per_batch_and_scores_its_agreement_with_the_model() ->
     assert ExpertSignal.threshold_bounds(10) == (-np.inf, 0.0)
     with pytest.raises(ValueError, match="backdoor_expert"):
         GuardPipeline(linear, signals, fusion)  # its model must be given
+
+
+def test_mahalanobis_fit_and_score_hand_computed() -> None:
+    from service.signals.mahalanobis import SHRINKAGE, MahalanobisSignal, fit_gaussian
+
+    features = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 4.0], [12.0, 4.0]])
+    labels = np.array([0, 0, 1, 1])
+    g = fit_gaussian(features, labels, 2)
+    np.testing.assert_allclose(g["means"], [[1.0, 0.0], [11.0, 4.0]])
+    # within-class scatter: x varies by +-1, y not at all; shrinkage keeps y's variance above zero
+    cov = np.diag([1.0, 0.0])
+    shrunk = (1 - SHRINKAGE) * cov + SHRINKAGE * 0.5 * np.eye(2)
+    np.testing.assert_allclose(g["precision"], np.linalg.inv(shrunk), rtol=1e-6)
+    signal = MahalanobisSignal(g["means"], g["precision"], threshold=3.0)
+    at = np.array([[1.0, 0.0], [11.0, 5.0], [3.0, 0.0]])  # a class mean; 1 off in y; 2 off in x
+    logits = np.array([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])  # predicted: 0, 1, 0
+    result = signal.evaluate(at, at, Prediction(logits, at), Prediction(logits, at))
+    expected = [0.0, 1.0 / (SHRINKAGE * 0.5), 4.0 / ((1 - SHRINKAGE) + SHRINKAGE * 0.5)]
+    np.testing.assert_allclose(result.score, expected, rtol=1e-6)
+    assert result.triggered.tolist() == [False, True, True]
+    # the distance is to the class the model gave: the same features, labelled 1, lie far from class 1's mean
+    far = signal.evaluate(at[:1], at[:1], Prediction(np.array([[0.0, 5.0]]), at[:1]), Prediction(logits[:1], at[:1]))
+    assert far.score[0] > 100
+    with pytest.raises(ValueError, match="every one of the 3 classes"):
+        fit_gaussian(features, labels, 3)  # no clean image of class 2: its mean is unknown
+    with pytest.raises(ValueError, match="finite"):
+        MahalanobisSignal(g["means"], np.full((2, 2), np.nan), None)

@@ -42,7 +42,8 @@ def test_manifest_describes_every_file(smoke: tuple[Path, Path]) -> None:
     nc = manifest["neural_cleanse"]
     assert len(nc["anomaly_index"]) == 10 and isinstance(nc["flagged_labels"], list)
     th = manifest["thresholds"]
-    assert {"detrigger", "strip", "activation", "repaired", "expert", "fused"} <= set(th)
+    assert {"detrigger", "strip", "activation", "repaired", "expert", "mahalanobis", "fused"} <= set(th)
+    assert "feature_gaussian" in files  # the mahalanobis signal's reference, fitted at export
     assert th["fused"]["rule"] == "fisher"
     assert th["target_fpr"] == 0.01 and th["strip"]["n"] == 8
     # the repaired signal's score is named where it runs and where its threshold was fitted
