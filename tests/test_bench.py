@@ -41,6 +41,9 @@ def test_headline_keys_and_the_bar_table() -> None:
             "triggered": {"images": 9, "passes_per_image": 4.0, "strip_overlays": {"2": 9}},
         },
         "service_unguarded": [run(1, 400, 3.0), run(8, 800, 9), run(32, 500, 60)],
+        "paired_c32": {"requests": 1000, "median_guarded": 300.0, "median_unguarded": 500.0, "median_ratio": 0.6,
+                       "pairs": [{"guarded": 300.0, "unguarded": 500.0, "ratio": 0.6},
+                                 {"guarded": 310.0, "unguarded": 450.0, "ratio": 310 / 450}]},
         "stages": {"decode": 0.1, "mean_batch_size": 4.0},
         "roofline": {"classifier_images_per_s": 17000.0, "passes_per_image": 34.0, "guarded_images_per_s": 500.0,
                      "classifier_passes_only_images_per_s": 17000.0 / 34,
@@ -64,7 +67,11 @@ def test_headline_keys_and_the_bar_table() -> None:
         "ablation": {"all": {"tpr": 0.999}, "without detrigger": {"tpr": 0.989}, "without strip": {"tpr": 0.999}},
     }}}  # fmt: skip
     text = bench.render({**r, "suite": suite})
-    assert "| guarded >= 50% of unguarded images/s at concurrency 32 | 300.0 / 500.0 = 60% | yes |" in text
+    assert (
+        "| guarded >= 50% of unguarded images/s at concurrency 32 (medians of 2 alternating pairs) | 300.0 / "
+        "500.0; median ratio 60% | yes |" in text
+    )
+    assert "| 2 | 310.0 | 450.0 | 69% |" in text
     assert h["passes_per_image_triggered"] == 4.0  # the triggered run is reported, never the headline
     assert "| on | triggered | 32 | 100 | 0 | 900.0 |" in text
     assert "**12.50** per clean image, **4.00** per triggered one (kwon), against 34 with every overlay" in text
