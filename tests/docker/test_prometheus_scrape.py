@@ -110,7 +110,7 @@ def test_the_demo_traffic_was_judged_as_expected(scraped: Scraped) -> None:
     total = float(prom.query("sum(guard_images_total)")[0]["value"][1])
     assert total > 0 and 0 < backdoor < total
     triggers = {r["metric"]["signal"]: float(r["value"][1]) for r in prom.query("guard_signal_triggers_total")}
-    assert set(triggers) == {"detrigger", "strip", "activation", "repaired", "expert"}
+    assert set(triggers) == {"detrigger", "strip", "activation", "repaired", "expert", "mahalanobis"}
     assert triggers["detrigger"] > 0
 
 

@@ -74,7 +74,7 @@ def test_response_shape(client: TestClient, samples: dict) -> None:
                       "repaired", "label_source"}  # fmt: skip
     manifest = json.loads((MODELS / "manifest.json").read_text())
     assert list(r["signals"]) == list(manifest["signals"])  # every signal the bundle lists, in its order
-    assert {"detrigger", "strip", "activation", "repaired", "expert"} == set(r["signals"])
+    assert {"detrigger", "strip", "activation", "repaired", "expert", "mahalanobis"} == set(r["signals"])
     assert r["backdoor"] and r["label_source"] == manifest["thresholds"]["label_source"]["source"]
     assert r["label"] != r["original"]["label"]  # a flagged image never keeps the label the model gave it
     assert {"label", "class_name", "confidence"} <= set(r["repaired"])
@@ -183,7 +183,7 @@ def test_model_metadata(client: TestClient) -> None:
     assert meta["inputs"][0]["name"] == "images"
     assert meta["neural_cleanse"]["flagged_labels"] == [0]
     assert len(meta["neural_cleanse"]["anomaly_index"]) == 10
-    assert {"detrigger", "strip", "activation", "repaired", "expert", "fused"} <= set(meta["thresholds"])
+    assert {"detrigger", "strip", "activation", "repaired", "expert", "mahalanobis", "fused"} <= set(meta["thresholds"])
     assert client.get("/v2/models/other").status_code == 404
 
 

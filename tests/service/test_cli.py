@@ -28,7 +28,8 @@ def test_verify_passes_on_the_shipped_bundle() -> None:
     result = cli("verify")
     assert result.returncode == 0, result.stderr
     files = len(json.loads((MODELS / "manifest.json").read_text())["files"])
-    assert files == 7  # classifier, repaired_classifier, backdoor_expert, two autoencoders, reversed_triggers, bank
+    # classifier, repaired_classifier, backdoor_expert, two autoencoders, reversed_triggers, bank, feature_gaussian
+    assert files == 8
     assert "fashion-mnist-kwon" in result.stdout and f"{files} files verified" in result.stdout
 
 

@@ -58,7 +58,7 @@ def test_the_verdict_labels_and_decided_scores_equal_the_full_run(images: dict[s
         complete = overlays == n
         np.testing.assert_allclose(a.signals["strip"].score[complete], b.signals["strip"].score[complete], atol=1e-6)
         np.testing.assert_allclose(a.score[complete], b.score[complete], atol=1e-9)
-        for other in ("detrigger", "activation", "repaired", "expert"):
+        for other in ("detrigger", "activation", "repaired", "expert", "mahalanobis"):
             np.testing.assert_array_equal(a.signals[other].score, b.signals[other].score)
         assert (b.signals["strip"].evidence["overlays"] == n).all()
         if name in ("clean", "kwon"):
