@@ -379,12 +379,11 @@ class Builder:
             logits, features = session.run(["logits", "features"], {"images": images})
             return logits, features
 
-        out = {}
+        out, labels = {}, self.dataset.calibration.labels[idx]
         for name in signal_params(files, self.config.calibration):
             signal = REGISTRY[name]
             if signal.reference is not None:
                 path = self.out / f"{signal.reference}.npz"
-                labels = self.dataset.calibration.labels[idx]
                 signal.fit_reference(classify, self.x_cal[idx], labels, self.num_classes, path)
                 out[signal.reference] = {"path": path.name, "sha256": sha256_file(path)}
         return out

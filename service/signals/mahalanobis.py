@@ -62,7 +62,7 @@ class MahalanobisSignal(Signal):
         with np.load(bundle.root / bundle.manifest["files"][cls.reference]["path"], allow_pickle=False) as z:
             means, precision = z["means"], z["precision"]
         classes = len(bundle.class_names)
-        width = bundle.sessions["classifier"].get_outputs()[1].shape[1]
+        width = next(o for o in bundle.sessions["classifier"].get_outputs() if o.name == "features").shape[1]
         if means.shape[0] != classes or (isinstance(width, int) and means.shape[1] != width):
             raise BundleError(f"files.{cls.reference}: means {list(means.shape)} must be [{classes}, {width}] (the "
                               "classes, the classifier's features)")  # fmt: skip
