@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m training.cost", description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=2000, help="test images per attack (clean, then triggered)")
+    # The suite's own 5,000 (make evaluate): at 2,000 a clean FPR near 1% moves by about 0.22 point (one standard
+    # error) from sampling alone, as much as half the 0.5-point slack, and the choice flipped on it.
+    p.add_argument("--images", type=int, default=5000, help="test images per attack (clean, then triggered)")
     p.add_argument("--slack", type=float, default=0.005, help="largest TPR loss / FPR gain a cheaper set may have")
     p.add_argument("--models", type=Path, default=Path("models"), help="the shipped bundle (the kwon entry)")
     p.add_argument("--out", type=Path, default=Path("reports"))
