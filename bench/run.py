@@ -6,8 +6,9 @@
    concurrency 1, 8 and 32: throughput and p50 / p95 / p99 latency; then the same service with the guard
    off (GUARD_SIGNALS=none), the denominator of the guard's cost; then concurrency 32 alternating between
    the two services a few times, whose medians are the headline (the machine's load drifts over a run);
-2. the roofline: raw ONNX Runtime classifier throughput at batch 512, divided by the classifier passes a
-   guarded image needs with the bundle's signals, and the service's efficiency against it;
+2. the roofline: every model the guard runs (the autoencoder included) at its raw ONNX Runtime throughput at
+   batch 512, weighted by the rows it gets per clean image; the service's efficiency against it, and the
+   guard's own in process;
 3. peers on the same images: IBM ART's STRIP around the same classifier in PyTorch, and a naive
    per-request PyTorch-eager guard (every model, one image at a time);
 4. where the time goes, from the service's own metrics.
@@ -364,14 +365,14 @@ def art_detection(suite: dict[str, Any] | None, n: int, images: int) -> dict[str
         return {}
     ds = load_dataset(DataConfig())
     pixels, labels = ds.test.images[:images], ds.test.labels[:images]
-    out = {}
+    clean_x, out = to_model_input(pixels), {}
     for name, entry in suite["attacks"].items():
         root = ROOT / "models" if name == "kwon" else EVAL_ROOT / name / "bundle"
         if not (root / "manifest.json").is_file():
             continue
         bundle = Bundle.load(root)
         attack = PRESETS[SUITE[name].preset]
-        clean, _ = strip_entropies(bundle, to_model_input(pixels), n, blend="mean")
+        clean, _ = strip_entropies(bundle, clean_x, n, blend="mean")
         triggered, _ = strip_entropies(
             bundle, to_model_input(triggered_pixels(pixels[victims(labels, attack)], attack)), n, blend="mean"
         )

@@ -117,8 +117,6 @@ def fit_thresholds(
         for k in half_a
     }  # fmt: skip
     own = {name: REGISTRY[name].fit(results, fpr) for name, results in both.items()}
-    if "strip" in own:
-        own["strip"].update(n=config.strip_n, blend=config.strip_blend)
     fusion = fit_fusion({k: r.score for k, r in half_a.items()}, config.fusion)
     fused_b = fusion.score(half_b)
     fused_threshold = float(np.quantile(fused_b, 1 - fpr))

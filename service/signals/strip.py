@@ -81,6 +81,9 @@ class StripSignal(Signal):
         start = self.rounds[r - 1] if r else 0
         return superimpose(x, self.overlays[start : self.rounds[r]], self.blend)
 
+    def calibrated_with(self) -> dict[str, Any]:
+        return {"n": self.n, "blend": self.blend}  # its threshold and fusion table hold only at this N and blend
+
     def score_range(self, total: np.ndarray, done: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
         """The least and largest score (minus the mean entropy of all N overlays) an image can still reach, given
         the sum of its first `done` overlays' entropies: each remaining one adds an entropy in [0, log2 C]
