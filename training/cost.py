@@ -35,12 +35,21 @@ from training.suite import SUITE, suite_bundle
 
 log = logging.getLogger(__name__)
 STRIP_NS = (32, 16, 8, 4)
+# Weighed beside each bundle's own signals: the full set the cheaper ones are held to includes STRIP, which left
+# the default when this comparison found the set without it within the slack (training/pipeline.py SIGNALS).
+WEIGHED = ("strip",)
 Scores = dict[str, np.ndarray]  # signal -> raw scores
 
 
+def full_set(bundle: Bundle) -> list[str]:
+    """The bundle's signals and those WEIGHED beside them."""
+    return [*bundle.signal_names, *(s for s in WEIGHED if s not in bundle.signal_names)]
+
+
 def raw_scores(bundle: Bundle, images: np.ndarray, strip_n: int) -> Scores:
-    """Every signal's raw score, STRIP at N overlays; the fused verdict is left to the caller."""
-    return {k: v.score for k, v in collect(build_pipeline(bundle, strip_n=strip_n, calibrated=False), images).items()}
+    """Every signal's raw score (the full set), STRIP at N overlays; the fused verdict is left to the caller."""
+    guard = build_pipeline(bundle, strip_n=strip_n, calibrated=False, signals=full_set(bundle))
+    return {k: v.score for k, v in collect(guard, images).items()}
 
 
 def fused_rates(sets: dict[str, Scores], signals: list[str], rule: str, fpr: float) -> dict[str, float]:
@@ -53,24 +62,27 @@ def fused_rates(sets: dict[str, Scores], signals: list[str], rule: str, fpr: flo
     }
 
 
-def signal_passes(bundle: Bundle) -> dict[str, int]:
-    """Passes through a classifier-sized model each of the bundle's signals needs per image: what its `prepare`
-    hands its model for one image (the autoencoders are extra, not counted)."""
+def signal_passes(bundle: Bundle, signals: list[str] | None = None) -> dict[str, int]:
+    """Passes through a classifier-sized model each signal needs per image (default: the bundle's own): what its
+    `prepare` hands its model for one image (the autoencoders are extra, not counted)."""
     one = bundle.strip_bank[:1]
-    return {s.name: len(s.prepare(one)) for s in build_pipeline(bundle, calibrated=False).signals}
+    return {s.name: len(s.prepare(one)) for s in build_pipeline(bundle, calibrated=False, signals=signals).signals}
 
 
 def candidates(signals: list[str], passes: dict[str, int]) -> dict[str, tuple[int, list[str], int]]:
     """name -> (STRIP N, signals, classifier passes per image): every N, each with the full set and without each
-    one signal (detrigger stays: the label policy needs its restoration), and the set without STRIP."""
+    one signal (detrigger stays: the label policy needs its restoration); the set without STRIP, and without STRIP
+    and one more."""
     out = {}
     for n in STRIP_NS:
         for drop in (None, *(s for s in signals if s not in ("detrigger", "strip"))):
             keep = [s for s in signals if s != drop]
             cost = 1 + sum(passes[s] for s in keep if s != "strip") + (n if "strip" in keep else 0)
             out[f"N={n}" + (f" without {drop}" if drop else "")] = (n, keep, cost)
-    keep = [s for s in signals if s != "strip"]
-    out["without strip"] = (STRIP_NS[-1], keep, 1 + sum(passes[s] for s in keep))
+    without = [s for s in signals if s != "strip"]
+    for drop in (None, *(s for s in without if s != "detrigger")):
+        keep = [s for s in without if s != drop]
+        out["without strip" + (f", {drop}" if drop else "")] = (STRIP_NS[-1], keep, 1 + sum(passes[s] for s in keep))
     return out
 
 
@@ -89,8 +101,8 @@ def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = N
         bundle = Bundle.load(suite_bundle(name, shipped))
         attack = PRESETS[entry.preset]
         triggered = to_model_input(triggered_pixels(pixels[victims(labels, attack)], attack))
-        signals = bundle.signal_names
-        configs = configs or candidates(signals, signal_passes(bundle))
+        signals = full_set(bundle)
+        configs = configs or candidates(signals, signal_passes(bundle, signals))
         rule = bundle.manifest["thresholds"]["fused"].get("rule", "max")
         fpr = float(bundle.manifest["thresholds"]["target_fpr"])
         by_n = {}

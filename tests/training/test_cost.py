@@ -12,6 +12,8 @@ def test_candidates_cost_what_their_signals_hand_the_classifier() -> None:
     assert c["N=32"] == (32, signals, 1 + 1 + 32 + 0 + 1)
     assert c["N=8 without expert"] == (8, ["detrigger", "strip", "activation"], 1 + 1 + 8)
     assert c["without strip"][1:] == (["detrigger", "activation", "expert"], 3)
+    assert c["without strip, expert"][1:] == (["detrigger", "activation"], 2)  # and one more left out
+    assert "without strip, detrigger" not in c and "without strip, strip" not in c
     assert not any("without detrigger" in k for k in c)  # the label policy needs its restoration
 
 
