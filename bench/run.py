@@ -234,7 +234,7 @@ def measured_passes(bundle: Bundle, sets: dict[str, np.ndarray]) -> dict[str, An
     """Rows per image through every model the service's guard runs (STRIP stopping early where it can), counted
     row by row over each set of model inputs: passes through classifier-sized models (the image, the
     de-triggered image, STRIP's overlays, the repaired model, the expert) and through the autoencoders; and how
-    many images ran each number of STRIP overlays."""
+    many images ran each number of STRIP overlays (bundles that run STRIP)."""
     guard = build_pipeline(bundle)
     rows: dict[str, int] = {}
 
@@ -253,15 +253,17 @@ def measured_passes(bundle: Bundle, sets: dict[str, np.ndarray]) -> dict[str, An
     out: dict[str, Any] = {}
     for name, x in sets.items():
         rows.clear()
-        overlays = np.concatenate([r.signals["strip"].evidence["overlays"] for r in guard.run_chunked(x, 64)])
-        values, counts = np.unique(overlays, return_counts=True)
+        results = guard.run_chunked(x, 64)
         per_model = {model: n / len(x) for model, n in rows.items()}
         out[name] = {
             "images": len(x),
             "passes_per_image": sum(v for m, v in per_model.items() if m in guard.models),
             "rows_per_image": per_model,
-            "strip_overlays": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
         }
+        if "strip" in bundle.signal_names:
+            overlays = np.concatenate([r.signals["strip"].evidence["overlays"] for r in results])
+            values, counts = np.unique(overlays, return_counts=True)
+            out[name]["strip_overlays"] = {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)}
     return out
 
 
@@ -384,7 +386,7 @@ def art_detection(suite: dict[str, Any] | None, n: int, images: int) -> dict[str
 @torch.no_grad()
 def naive_guard(bundle_root: Path, bank: np.ndarray, images: np.ndarray, n: int) -> dict[str, float]:
     """Every model of the default signals in PyTorch eager, one request (image) at a time: what a first
-    prototype would do."""
+    prototype would do. n: STRIP's overlays per image (0: a bundle without STRIP)."""
     models = torch_models(bundle_root)
     classifier, detrigger = models["classifier"], models["detrigger_ae"]
     others = [models[k] for k in ("repaired_classifier", "backdoor_expert") if k in models]
@@ -394,7 +396,8 @@ def naive_guard(bundle_root: Path, bank: np.ndarray, images: np.ndarray, n: int)
         x = torch.from_numpy(image[None])
         classifier(x)
         classifier(detrigger(x))
-        torch.softmax(classifier(x + overlays)[0], 1)
+        if n:
+            torch.softmax(classifier(x + overlays)[0], 1)
         for model in others:
             model(x)
     return {"images": len(images), "images_per_s": len(images) / (time.perf_counter() - start)}
@@ -403,6 +406,39 @@ def naive_guard(bundle_root: Path, bank: np.ndarray, images: np.ndarray, n: int)
 def clean_runs(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """The runs on clean traffic (the headline's), by concurrency."""
     return {run["concurrency"]: run for run in runs if run.get("traffic", "clean") == "clean"}
+
+
+def _passes_paragraph(r: dict[str, Any]) -> list[str]:
+    """Passes per image as measured, and how STRIP's early exit spent its overlays when the bundle runs STRIP."""
+    mp = r["measured_passes"]
+    counted = (
+        "Passes per image through classifier-sized models (the image, the de-triggered image"
+        + (", STRIP's overlays" if r["strip_rounds"] else "")
+        + ", the repaired model, the expert), counted in process on the first "
+        f"{mp['clean']['images']} test images: **{mp['clean']['passes_per_image']:.2f}** per clean image, "
+        f"**{mp['triggered']['passes_per_image']:.2f}** per triggered one (kwon)"
+    )
+    if not r["strip_rounds"]:
+        return [
+            counted + f"; {r['passes']['total']:g} by the signals' own count. The bundle runs no STRIP (make cost: "
+            "the set without it is within 0.5 point of every suite figure with it, reports/cost.md); IBM ART's "
+            "STRIP below is the peer the issue names, at N = 32 and at the N the bundle's STRIP config holds."
+        ]
+    return [
+        "STRIP stops early (service/guard.py, `GuardPipeline._finish_strip`): after "
+        + ", ".join(map(str, r["strip_rounds"][:-1]))
+        + " overlays it bounds",
+        "the entropy the remaining ones can add (between 0 and log2 C each) and stops an image whose fused verdict",
+        "none of them can change, so every verdict is the one all N overlays give (tests/service/",
+        "test_strip_early_exit.py). "
+        + counted
+        + f", against {r['passes']['total']:g} with every overlay (STRIP N = {r['strip_n']}). Images by STRIP "
+        "overlays run: clean "
+        + ", ".join(f"{k}: {v}" for k, v in mp["clean"]["strip_overlays"].items())
+        + "; triggered "
+        + ", ".join(f"{k}: {v}" for k, v in mp["triggered"]["strip_overlays"].items())
+        + ".",
+    ]
 
 
 def headline(r: dict[str, Any]) -> dict[str, float]:
@@ -467,33 +503,19 @@ def _ae_rows(roof: dict[str, Any]) -> float:
 
 def render(r: dict[str, Any]) -> str:
     roof = r["roofline"]
-    mp = r["measured_passes"]
     h = headline(r)
     lines = [
         "# Benchmark",
         "",
         f"Made by `{r['command']}` in one run on this machine ({r['machine']}), so that the ratios hold even",
         "though absolute numbers move with the machine's load. The service runs as `python -m service` with the",
-        f"shipped bundle (signals {', '.join(r['signals'])}; STRIP N = {r['strip_n']}); `hey` sends single-image PNG",
+        f"shipped bundle (signals {', '.join(r['signals'])}); `hey` sends single-image PNG",
         "requests of 32 clean test images drawn at random (the traffic a guard mostly sees; the guard's work depends",
         "on the image, so one image repeated would not do), then 32 triggered ones. The same service with",
         "`GUARD_SIGNALS=none` (plain inference through the same stack: one classifier pass, no verdict) on the same",
         "clean images is the denominator.",
         "",
-        "STRIP stops early (service/guard.py, `GuardPipeline._finish_strip`): after "
-        + ", ".join(map(str, r["strip_rounds"][:-1]))
-        + " overlays it bounds",
-        "the entropy the remaining ones can add (between 0 and log2 C each) and stops an image whose fused verdict",
-        "none of them can change, so every verdict is the one all N overlays give (tests/service/",
-        "test_strip_early_exit.py). Passes per image through classifier-sized models (the image, the de-triggered",
-        "image, STRIP's overlays, the repaired model, the expert), counted in process on the first "
-        f"{mp['clean']['images']} test images: **{mp['clean']['passes_per_image']:.2f}** per clean image, "
-        f"**{mp['triggered']['passes_per_image']:.2f}** per triggered one (kwon), against "
-        f"{r['passes']['total']:g} with every overlay. Images by STRIP overlays run: clean "
-        + ", ".join(f"{k}: {v}" for k, v in mp["clean"]["strip_overlays"].items())
-        + "; triggered "
-        + ", ".join(f"{k}: {v}" for k, v in mp["triggered"]["strip_overlays"].items())
-        + ".",
+        *_passes_paragraph(r),
         "",
         "## The bar (issue 12)",
         "",
@@ -509,7 +531,7 @@ def render(r: dict[str, Any]) -> str:
         f"{h['in_process_efficiency_b16']:.2f} | {_met(h['in_process_efficiency_b16'] >= 0.8)} |",
         f"| >= 5x ART's STRIP (N = {ART_N}, as the issue names it) | {h['over_art_strip_n32']:.1f}x | "
         f"{_met(h['over_art_strip_n32'] >= 5)} |",
-        f"| the same at the bundle's N = {r['strip_n']} | {h['over_art_strip']:.1f}x | "
+        f"| the same at N = {r['strip_n']} (the bundle's STRIP config) | {h['over_art_strip']:.1f}x | "
         f"{_met(h['over_art_strip'] >= 5)} |",
         f"| ... while detecting at least as well on every suite attack (AUROC below) | {_art_worse(r)} | "
         f"{_met(bool(r.get('art_detection')) and _art_worse(r) == 'on none')} |",
@@ -620,7 +642,8 @@ def main(argv: list[str] | None = None) -> None:
     if shutil.which("hey") is None:
         sys.exit("bench: `hey` is missing: apt-get install hey")
     bundle = Bundle.load(ROOT / "models")
-    n = int(bundle.manifest["configs"]["strip"]["n"])
+    n = int(bundle.manifest["configs"]["strip"]["n"])  # ART's at the bundle's STRIP N, whether it runs STRIP or not
+    strip = next((s for s in build_pipeline(bundle).signals if isinstance(s, StripSignal)), None)
     ds = load_dataset(DataConfig())
     kwon = PRESETS["kwon"]
     # the traffic: 32 clean test images drawn at random (seeded), and 32 non-target ones with the kwon trigger
@@ -648,7 +671,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, onnxruntime {ort.__version__}, "
         f"torch {torch.__version__}",
         "strip_n": n,
-        "strip_rounds": list(next(s for s in build_pipeline(bundle).signals if isinstance(s, StripSignal)).rounds),
+        "strip_rounds": list(strip.rounds) if strip is not None else None,  # None: the bundle runs no STRIP
         "signals": bundle.signal_names,
         "passes": passes,
         "measured_passes": measured,
@@ -660,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
         "in_process": in_process(bundle, to_model_input(test)),
         "art": art_strip(model, calibration, images, n),
         "art_n32": art_strip(model, calibration, images, ART_N),
-        "naive": naive_guard(bundle.root, bundle.strip_bank, images, n),
+        "naive": naive_guard(bundle.root, bundle.strip_bank, images, n if strip is not None else 0),
     }
     report["suite"] = json.loads(suite_path.read_text()) if suite_path.is_file() else None
     report["art_detection"] = art_detection(report["suite"], ART_N, args.detection_images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
 from service.batcher import BatchStats
@@ -13,6 +14,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 disable_created_metrics()
 
 ENTROPY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
+# The fused verdict's surprise, -ln(1 - fused score) (service.guard.Fusion: the sum of the signals' surprises): on
+# clean images each signal's is about exponential, so the sum's clean mean is about the number of signals (5 in
+# the shipped bundle), whose threshold is 11.7; past FUSED_CAP the score rounds to 1 and the cap is recorded.
+FUSED_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0)
+FUSED_CAP = 50.0
 
 
 class Metrics:
@@ -53,6 +59,12 @@ class Metrics:
             "guard_strip_entropy", "STRIP entropy (log2) of judged images, over the overlays each ran: watch for drift",
             buckets=ENTROPY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.fused = Histogram(
+            "guard_fused_surprise",
+            "Fused verdict's surprise -ln(1 - fused score) of judged images, whatever signals the bundle runs: "
+            "watch for drift (its threshold: thresholds.fused.surprise of /v2/models/{name})",
+            buckets=FUSED_BUCKETS, registry=r,
+        )  # fmt: skip
         self.stage = Counter(
             "guard_stage_seconds", "Time spent in each stage of the guard, summed over batches", ["stage"], registry=r
         )
@@ -84,5 +96,10 @@ class Metrics:
         self.images.labels(verdict="clean").inc(len(result.backdoor) - n_backdoor)
         for name, signal in result.signals.items():
             self.triggers.labels(signal=name).inc(int(signal.triggered.sum()))
-        for value in result.signals["strip"].evidence.get("entropy", []):
-            self.entropy.observe(float(value))
+        with np.errstate(divide="ignore"):  # a score of exactly 1 is past the cap
+            surprise = np.minimum(-np.log1p(-np.minimum(result.score, 1.0)), FUSED_CAP)
+        for value in surprise:
+            self.fused.observe(float(value))
+        if "strip" in result.signals:  # bundles that run STRIP (not the default since make cost dropped it)
+            for value in result.signals["strip"].evidence.get("entropy", []):
+                self.entropy.observe(float(value))

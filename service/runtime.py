@@ -28,6 +28,11 @@ def pipeline_for(settings: Settings, bundle: Bundle) -> GuardPipeline:
     if settings.signals == "none":
         log.warning("GUARD_SIGNALS=none: the guard is off; answers carry the model's label and no verdict")
         return PlainPipeline(bundle.classify)
+    if settings.strip_n is not None and "strip" not in bundle.signal_names:
+        raise ValueError(
+            f"GUARD_STRIP_N is set but {bundle.root} runs no strip signal (its manifest's `signals`): unset it, or "
+            "serve a bundle calibrated with STRIP"
+        )
     pipeline = build_pipeline(
         bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels,
         early_exit=settings.strip_early_exit,

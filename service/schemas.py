@@ -54,7 +54,7 @@ class ImageResult(BaseModel):
         examples=[
             {
                 "detrigger": {"triggered": True, "label": 7, "class_name": "Sneaker", "confidence": 0.97},
-                "strip": {"triggered": True, "entropy": 0.02, "threshold": 0.31, "n": 32, "percentile": 1.0},
+                "mahalanobis": {"triggered": True, "score": 1372.5, "threshold": 221.8, "percentile": 1.0},
             }
         ],
     )

@@ -15,14 +15,14 @@ sys.modules["bench_run"] = bench
 spec.loader.exec_module(bench)
 
 
-def test_passes_per_image_counts_what_each_signal_hands_its_model() -> None:
-    bundle = Bundle.load(MODELS)
-    passes = bench.passes_per_image(bundle)
-    n = bundle.manifest["signals"]["strip"]["n"]
-    expected = {"image": 1.0, "detrigger": 1.0, "strip": float(n), "activation": 0.0, "repaired": 1.0, "expert": 1.0,
-                "mahalanobis": 0.0}  # fmt: skip
+@pytest.mark.data
+def test_passes_per_image_counts_what_each_signal_hands_its_model(strip_bundle: Bundle) -> None:
+    passes = bench.passes_per_image(Bundle.load(MODELS))
+    expected = {"image": 1.0, "detrigger": 1.0, "activation": 0.0, "repaired": 1.0, "expert": 1.0, "mahalanobis": 0.0}
     assert {k: v for k, v in passes.items() if k != "total"} == expected
-    assert passes["total"] == sum(expected.values())
+    assert passes["total"] == sum(expected.values()) == 4  # the shipped signals: make cost's choice
+    n = strip_bundle.manifest["signals"]["strip"]["n"]
+    assert bench.passes_per_image(strip_bundle) == {**expected, "strip": float(n), "total": 4.0 + n}
 
 
 def run(c: int, rps: float, p50: float) -> dict[str, float]:
@@ -74,7 +74,10 @@ def test_headline_keys_and_the_bar_table() -> None:
     assert "| 2 | 310.0 | 450.0 | 69% |" in text
     assert h["passes_per_image_triggered"] == 4.0  # the triggered run is reported, never the headline
     assert "| on | triggered | 32 | 100 | 0 | 900.0 |" in text
-    assert "**12.50** per clean image, **4.00** per triggered one (kwon), against 34 with every overlay" in text
+    assert (
+        "**12.50** per clean image, **4.00** per triggered one (kwon), against 34 with every overlay (STRIP N = 32)"
+        in text
+    )
     assert "clean 2: 8, 32: 2; triggered 2: 9." in text
     assert (
         "| >= 0.8 of the roofline (34.00 classifier passes and 1.00 autoencoder passes per clean image) | 0.60 |"
@@ -87,19 +90,19 @@ def test_headline_keys_and_the_bar_table() -> None:
     assert "| the same counting classifier passes only (the classifier / 34.00; " in text
     assert h["over_art_strip_n32"] == pytest.approx(6.0) and h["art_strip_n32_images_per_s"] == 50.0
     assert "| >= 5x ART's STRIP (N = 32, as the issue names it) | 6.0x | yes |" in text
-    assert "| the same at the bundle's N = 32 | 3.0x | **no** |" in text
+    assert "| the same at N = 32 (the bundle's STRIP config) | 3.0x | **no** |" in text
     assert "(AUROC below) | on wanet | **no** |" in text  # ART separates WaNet better here: not met
     assert "| wanet | 0.8000 | 0.7000 |" in text
     assert "| detrigger | 1 | 0.990 / +1.0 |" in text and "| strip | 32 | 0.900 / +0.0 |" in text
 
 
 @pytest.mark.data
-def test_measured_passes_count_every_row_the_guard_classifies(fashion_mnist) -> None:
+def test_measured_passes_count_every_row_the_guard_classifies(fashion_mnist, strip_bundle: Bundle) -> None:
     """Counted through the guard as the service runs it: STRIP stops early on most clean images, every one of
     them ran at least the first round, and the count matches the overlays each image ran plus its fixed passes."""
     from service.preprocess import to_model_input
 
-    bundle = Bundle.load(MODELS)
+    bundle = strip_bundle
     x = to_model_input(fashion_mnist.test.images[:96])
     measured = bench.measured_passes(bundle, {"clean": x})["clean"]
     overlays = {int(k): v for k, v in measured["strip_overlays"].items()}
@@ -111,3 +114,27 @@ def test_measured_passes_count_every_row_the_guard_classifies(fashion_mnist) -> 
     rows = measured["rows_per_image"]  # by model; the autoencoder is counted, beside the classifier-sized ones
     assert rows["detrigger_ae"] == 1.0 and rows["repaired_classifier"] == 1.0 and rows["backdoor_expert"] == 1.0
     assert rows["classifier"] == pytest.approx(expected - 2)
+
+
+@pytest.mark.data
+def test_without_strip_every_image_costs_the_same_and_the_report_says_why(fashion_mnist) -> None:
+    from service.preprocess import to_model_input
+
+    bundle = Bundle.load(MODELS)
+    measured = bench.measured_passes(bundle, {"clean": to_model_input(fashion_mnist.test.images[:40])})["clean"]
+    assert "strip_overlays" not in measured
+    assert measured["passes_per_image"] == bench.passes_per_image(bundle)["total"] == 4.0
+    assert measured["rows_per_image"] == {
+        "classifier": 2.0, "detrigger_ae": 1.0, "repaired_classifier": 1.0, "backdoor_expert": 1.0,
+    }  # fmt: skip
+    r = {
+        "strip_rounds": None,
+        "passes": {"total": 4.0},
+        "measured_passes": {
+            "clean": {"images": 40, "passes_per_image": 4.0},
+            "triggered": {"images": 30, "passes_per_image": 4.0},
+        },
+    }
+    (text,) = bench._passes_paragraph(r)
+    assert "**4.00** per clean image, **4.00** per triggered one (kwon); 4 by the signals' own count" in text
+    assert "STRIP's overlays" not in text and "The bundle runs no STRIP (make cost" in text

@@ -205,25 +205,33 @@ def strip_entropies(
     return np.concatenate(out), seconds / len(images)
 
 
+def strip_alone(
+    bundle: Bundle, calibration: np.ndarray, clean: np.ndarray, triggered: np.ndarray, n: int, fpr: float
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """STRIP on its own at N overlays, thresholded as the paper does (a normal fitted to the clean calibration
+    entropies, its `fpr` percentile), whether or not the bundle's signals include it: (figures, clean entropies,
+    triggered entropies)."""
+    cal_entropy, _ = strip_entropies(bundle, calibration, n)
+    threshold, _, _ = strip_threshold(cal_entropy, fpr)
+    clean_entropy, cost = strip_entropies(bundle, clean, n)
+    trig_entropy, _ = strip_entropies(bundle, triggered, n)
+    row = {
+        "n": n,
+        "threshold": threshold,
+        "fpr": rate(clean_entropy <= threshold),
+        "tpr": rate(trig_entropy <= threshold),
+        "auroc": auroc(-clean_entropy, -trig_entropy),
+        "ms_per_image": 1000 * cost,
+    }
+    return row, clean_entropy, trig_entropy
+
+
 def strip_sweep(
     bundle: Bundle, calibration: np.ndarray, clean: np.ndarray, triggered: np.ndarray, ns: tuple[int, ...], fpr: float
 ) -> list[dict[str, float]]:
     """STRIP's detection and cost versus N, each N with its own threshold calibrated as the paper does."""
     rows = []
     for n in ns:
-        cal_entropy, _ = strip_entropies(bundle, calibration, n)
-        threshold, _, _ = strip_threshold(cal_entropy, fpr)
-        clean_entropy, cost = strip_entropies(bundle, clean, n)
-        trig_entropy, _ = strip_entropies(bundle, triggered, n)
-        rows.append(
-            {
-                "n": n,
-                "threshold": threshold,
-                "fpr": rate(clean_entropy <= threshold),
-                "tpr": rate(trig_entropy <= threshold),
-                "auroc": auroc(-clean_entropy, -trig_entropy),
-                "ms_per_image": 1000 * cost,
-            }
-        )
+        rows.append(strip_alone(bundle, calibration, clean, triggered, n, fpr)[0])
         log.info("STRIP N=%d: %s", n, rows[-1])
     return rows

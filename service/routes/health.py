@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import APIRouter
@@ -45,10 +46,12 @@ def _served_thresholds(runtime: RuntimeDep) -> dict[str, Any]:
         return {**out, "guard": "off"}
     for signal in runtime.pipeline.signals:
         out[signal.name] = {"threshold": signal.threshold} if signal.threshold is not None else {"rule": "label_change"}
-    strip = next(s for s in runtime.pipeline.signals if s.name == "strip")
-    out["strip"]["n"] = getattr(strip, "n", None)
+        if signal.name == "strip":
+            out["strip"]["n"] = getattr(signal, "n", None)
     assert runtime.pipeline.fusion is not None
-    out["fused"] = {"threshold": runtime.pipeline.fusion.threshold}
+    threshold = runtime.pipeline.fusion.threshold
+    # the threshold on guard_fused_surprise's scale (-ln(1 - score)), for dashboards and alerts
+    out["fused"] = {"threshold": threshold, "surprise": -math.log1p(-threshold) if threshold < 1 else None}
     return out
 
 

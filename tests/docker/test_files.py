@@ -90,7 +90,7 @@ def test_the_dashboard_has_the_panels_the_operators_asked_for() -> None:
     for metric in (
         "guard_requests_total", "guard_request_duration_seconds_bucket", "guard_queue_wait_seconds_bucket",
         "guard_batch_compute_seconds_bucket", "guard_batch_size_images", "guard_images_total",
-        "guard_signal_triggers_total", "guard_strip_entropy_bucket",
+        "guard_signal_triggers_total", "guard_strip_entropy_bucket", "guard_fused_surprise_bucket",
     ):  # fmt: skip
         assert metric in text, metric
     titles = [p["title"] for p in json.loads(text)["panels"]]

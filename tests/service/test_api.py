@@ -74,12 +74,12 @@ def test_response_shape(client: TestClient, samples: dict) -> None:
                       "repaired", "label_source"}  # fmt: skip
     manifest = json.loads((MODELS / "manifest.json").read_text())
     assert list(r["signals"]) == list(manifest["signals"])  # every signal the bundle lists, in its order
-    assert {"detrigger", "strip", "activation", "repaired", "expert", "mahalanobis"} == set(r["signals"])
+    assert {"detrigger", "activation", "repaired", "expert", "mahalanobis"} == set(r["signals"])  # no STRIP: make cost
     assert r["backdoor"] and r["label_source"] == manifest["thresholds"]["label_source"]["source"]
     assert r["label"] != r["original"]["label"]  # a flagged image never keeps the label the model gave it
     assert {"label", "class_name", "confidence"} <= set(r["repaired"])
     assert {"score", "threshold", "triggered", "label", "agreement"} <= set(r["signals"]["expert"])
-    assert {"entropy", "threshold", "triggered", "n"} <= set(r["signals"]["strip"])
+    assert {"score", "threshold", "triggered", "percentile"} <= set(r["signals"]["mahalanobis"])
     assert {"label", "class_name", "triggered"} <= set(r["signals"]["detrigger"])
     assert {"score", "threshold", "triggered"} <= set(r["signals"]["activation"])
     assert "image" not in r["restored"]
@@ -183,7 +183,9 @@ def test_model_metadata(client: TestClient) -> None:
     assert meta["inputs"][0]["name"] == "images"
     assert meta["neural_cleanse"]["flagged_labels"] == [0]
     assert len(meta["neural_cleanse"]["anomaly_index"]) == 10
-    assert {"detrigger", "strip", "activation", "repaired", "expert", "mahalanobis", "fused"} <= set(meta["thresholds"])
+    assert {"detrigger", "activation", "repaired", "expert", "mahalanobis", "fused"} <= set(meta["thresholds"])
+    fused = meta["thresholds"]["fused"]  # and on guard_fused_surprise's scale
+    assert fused["surprise"] == pytest.approx(-np.log1p(-fused["threshold"]))
     assert client.get("/v2/models/other").status_code == 404
 
 

@@ -90,18 +90,16 @@ BAD_EDITS = [
     ("thresholds.fused.threshold", -0.1, "thresholds.fused.threshold"),
     ("thresholds.expert.threshold", NAN, "thresholds.expert.threshold"),
     ("thresholds.expert.threshold", 0.5, "thresholds.expert.threshold"),  # a log-probability: <= 0
-    ("thresholds.strip.threshold", -INF, "thresholds.strip.threshold"),
-    ("thresholds.strip.threshold", 3.33, "thresholds.strip.threshold"),  # above log2(10): every image flagged
     ("thresholds.activation.threshold", NAN, "thresholds.activation.threshold"),
     ("thresholds.activation.threshold", INF, "thresholds.activation.threshold"),
     ("thresholds.activation.threshold", "5.6", "thresholds.activation.threshold"),
     ("thresholds.target_fpr", 0.0, "thresholds.target_fpr"),
     ("thresholds.fused.levels.4", FUSED["levels"][2], "thresholds.fused.levels"),  # not increasing
     ("thresholds.fused.levels.90", 1.0, "thresholds.fused.levels"),  # the tail starts below 1
-    ("thresholds.fused.quantiles.strip.5", FUSED["quantiles"]["strip"][4] - 1.0, "thresholds.fused.quantiles.strip"),
+    ("thresholds.fused.quantiles.expert.5", FUSED["quantiles"]["expert"][4] - 1.0, "thresholds.fused.quantiles.expert"),
     ("thresholds.fused.quantiles.detrigger", FUSED["quantiles"]["detrigger"][:-1], "thresholds.fused.quantiles"),
-    ("thresholds.fused.quantiles.strip.3", NAN, "thresholds.fused.quantiles.strip[3]"),
-    ("thresholds.fused.quantiles", {k: FUSED["quantiles"][k] for k in ("detrigger", "strip")}, "fused.quantiles"),
+    ("thresholds.fused.quantiles.mahalanobis.3", NAN, "thresholds.fused.quantiles.mahalanobis[3]"),
+    ("thresholds.fused.quantiles", {k: FUSED["quantiles"][k] for k in ("detrigger", "expert")}, "fused.quantiles"),
     ("thresholds.fused.tail_scale.expert", -0.2, "thresholds.fused.tail_scale.expert"),
     ("thresholds.fused.rule", "mean", "thresholds.fused.rule"),
     ("thresholds.fused.tail_scale.activation", 0, "thresholds.fused.tail_scale.activation"),
@@ -110,8 +108,6 @@ BAD_EDITS = [
     ("configs.strip.n", 257, "configs.strip.n"),  # the bank holds 256
     ("configs.strip.n", 0, "configs.strip.n"),
     ("configs.strip.blend", "max", "configs.strip.blend"),
-    ("thresholds.strip.n", 12, "thresholds.strip.n"),  # calibrated at another N than the signal runs at
-    ("signals.strip.n", 12, "thresholds.strip.n"),
     ("thresholds.repaired.score", "drop", "thresholds.repaired.score"),  # fitted to the legacy score
     ("signals.repaired.score", "drop", "thresholds.repaired.score"),
     ("signals.repaired.score", "kl", "signals.repaired.score"),
@@ -140,6 +136,29 @@ BAD_EDITS = [
 ]
 
 
+# The same for a bundle that runs STRIP (not the shipped default since make cost dropped it); a callable value is
+# computed from that bundle's manifest.
+STRIP_EDITS = [
+    ("thresholds.strip.threshold", -INF, "thresholds.strip.threshold"),
+    ("thresholds.strip.threshold", 3.33, "thresholds.strip.threshold"),  # above log2(10): every image flagged
+    (
+        "thresholds.fused.quantiles.strip.5",
+        lambda m: m["thresholds"]["fused"]["quantiles"]["strip"][4] - 1.0,
+        "thresholds.fused.quantiles.strip",
+    ),
+    ("thresholds.fused.quantiles.strip.3", NAN, "thresholds.fused.quantiles.strip[3]"),
+    ("thresholds.strip.n", 12, "thresholds.strip.n"),  # calibrated at another N than the signal runs at
+    ("signals.strip.n", 12, "thresholds.strip.n"),
+]
+
+
+@pytest.fixture
+def strip_copy(bundle: Path, strip_bundle: Bundle) -> Path:
+    """The copy, its manifest listing STRIP with thresholds calibrated for it (tests/conftest.py strip_bundle)."""
+    (bundle / "manifest.json").write_text(json.dumps(strip_bundle.manifest, indent=2))
+    return bundle
+
+
 @pytest.mark.parametrize(("where", "value", "field"), BAD_EDITS, ids=[f"{w}={v!r}" for w, v, _ in BAD_EDITS])
 def test_a_bad_manifest_value_is_refused_with_one_line_naming_it(
     bundle: Path, where: str, value: Any, field: str
@@ -147,6 +166,17 @@ def test_a_bad_manifest_value_is_refused_with_one_line_naming_it(
     Bundle.load(bundle)  # the untouched copy loads
     put(bundle, where, value)
     assert field in refusal(bundle)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(("where", "value", "field"), STRIP_EDITS, ids=[f"{w}={v!r}" for w, v, _ in STRIP_EDITS])
+def test_a_bad_strip_value_is_refused_with_one_line_naming_it(
+    strip_copy: Path, where: str, value: Any, field: str
+) -> None:
+    loaded = Bundle.load(strip_copy)  # the untouched copy loads, and runs STRIP
+    assert "strip" in loaded.signal_names
+    put(strip_copy, where, value(loaded.manifest) if callable(value) else value)
+    assert field in refusal(strip_copy)
 
 
 def test_a_signal_whose_reference_file_is_missing_or_wrong_is_refused(bundle: Path) -> None:

@@ -56,7 +56,7 @@ def test_tritonclient_gets_the_labels_and_verdicts_classify_gives(
         images = triton.InferInput("images", list(x.shape), "FP32")
         images.set_data_from_numpy(x, binary_data=binary)
         asked = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("label", "backdoor", "score",
-                 "original_label", "restored_label", "strip_score")]  # fmt: skip
+                 "original_label", "restored_label", "mahalanobis_score")]  # fmt: skip
         result = triton_client.infer(NAME, [images], outputs=asked, request_id="r1")
         assert result.get_response()["id"] == "r1"
         assert result.as_numpy("label").tolist() == [r["label"] for r in answers]
@@ -64,7 +64,8 @@ def test_tritonclient_gets_the_labels_and_verdicts_classify_gives(
         assert result.as_numpy("original_label").tolist() == [r["original"]["label"] for r in answers]
         assert result.as_numpy("restored_label").tolist() == [r["restored"]["label"] for r in answers]
         np.testing.assert_allclose(result.as_numpy("score"), [r["score"] for r in answers], rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(result.as_numpy("strip_score"), in_process.signals["strip"].score, rtol=1e-5)
+        np.testing.assert_allclose(result.as_numpy("mahalanobis_score"), in_process.signals["mahalanobis"].score,
+                                   rtol=1e-5)  # fmt: skip
     assert result.as_numpy("backdoor").tolist() == triggered.tolist()  # and the guard is right about them
     # no outputs named: every output, binary; UINT8 pixels as they are
     images = triton.InferInput("images", list(pixels[:, None].shape), "UINT8")
@@ -72,7 +73,7 @@ def test_tritonclient_gets_the_labels_and_verdicts_classify_gives(
     result = triton_client.infer(NAME, [images])
     names = {o["name"] for o in result.get_response()["outputs"]}
     assert {"label", "confidence", "backdoor", "score", "original_label", "restored_label", "repaired_label"} <= names
-    assert {"detrigger_score", "strip_score", "activation_score", "repaired_score", "expert_score"} <= names
+    assert {"detrigger_score", "activation_score", "repaired_score", "expert_score", "mahalanobis_score"} <= names
     assert result.as_numpy("label").tolist() == [r["label"] for r in answers]
 
 

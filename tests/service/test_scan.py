@@ -77,7 +77,7 @@ def test_scan_finds_the_stamped_images_and_says_per_class(local: Path, dataset: 
     with Image.open(local / "suspicious.png") as grid:
         assert grid.width > 8 * 28 and grid.height > 4 * 28
     row = next(iter(judged.values()))
-    assert {"strip_score", "strip_triggered", "expert_score", "original_class", "label_source"} <= set(row)
+    assert {"mahalanobis_score", "mahalanobis_triggered", "expert_score", "original_class", "label_source"} <= set(row)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ def test_metrics_pass_promtool(client: TestClient, samples: dict) -> None:
     for name in (
         "guard_requests_total", "guard_request_duration_seconds_bucket", "guard_queue_wait_seconds_bucket",
         "guard_batch_compute_seconds_bucket", "guard_batch_size_images_bucket", "guard_images_total",
-        "guard_signal_triggers_total", "guard_strip_entropy_bucket", "guard_model_info", "guard_ready",
+        "guard_signal_triggers_total", "guard_strip_entropy_bucket", "guard_fused_surprise_bucket",
+        "guard_model_info", "guard_ready",
     ):  # fmt: skip
         assert re.search(rf"^{name}[{{ ]", text, re.M), name
     assert 'guard_images_total{verdict="backdoor"}' in text

@@ -7,7 +7,6 @@ from service.bundle import Bundle, build_pipeline
 from service.guard import GuardPipeline, NonFiniteScore
 from service.preprocess import to_model_input
 from service.signals.strip import StripSignal
-from tests.conftest import MODELS
 from training.attacks import PRESETS, triggered_pixels, victims
 
 pytestmark = pytest.mark.data
@@ -43,9 +42,8 @@ def images(fashion_mnist) -> dict[str, np.ndarray]:
     return {k: to_model_input(v) for k, v in sets.items()}
 
 
-def test_the_verdict_labels_and_decided_scores_equal_the_full_run(images: dict[str, np.ndarray]) -> None:
-    bundle = Bundle.load(MODELS)
-    staged, full, staged_rows, full_rows = guards(bundle)
+def test_the_verdict_labels_and_decided_scores_equal_the_full_run(images: dict[str, np.ndarray], strip_bundle) -> None:
+    staged, full, staged_rows, full_rows = guards(strip_bundle)
     n = next(s for s in full.signals if isinstance(s, StripSignal)).n
     threshold = full.fusion.threshold
     for name, x in images.items():
@@ -66,8 +64,10 @@ def test_the_verdict_labels_and_decided_scores_equal_the_full_run(images: dict[s
     assert staged_rows.rows < 0.6 * full_rows.rows
 
 
-def test_an_image_that_cannot_be_scored_never_stops_early_and_fails_the_batch(images: dict[str, np.ndarray]) -> None:
-    staged, _, _, _ = guards(Bundle.load(MODELS))
+def test_an_image_that_cannot_be_scored_never_stops_early_and_fails_the_batch(
+    images: dict[str, np.ndarray], strip_bundle
+) -> None:
+    staged, _, _, _ = guards(strip_bundle)
     x = images["clean"][:4].copy()
     x[2] = np.nan
     with pytest.raises(NonFiniteScore, match=r"image\(s\) \[2\]"):

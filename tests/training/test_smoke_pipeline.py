@@ -42,10 +42,11 @@ def test_manifest_describes_every_file(smoke: tuple[Path, Path]) -> None:
     nc = manifest["neural_cleanse"]
     assert len(nc["anomaly_index"]) == 10 and isinstance(nc["flagged_labels"], list)
     th = manifest["thresholds"]
-    assert {"detrigger", "strip", "activation", "repaired", "expert", "mahalanobis", "fused"} <= set(th)
+    assert {"detrigger", "activation", "repaired", "expert", "mahalanobis", "fused"} <= set(th)
+    assert "strip" not in th and "strip" not in manifest["signals"]  # off by default (make cost)
     assert "feature_gaussian" in files  # the mahalanobis signal's reference, fitted at export
     assert th["fused"]["rule"] == "fisher"
-    assert th["target_fpr"] == 0.01 and th["strip"]["n"] == 8
+    assert th["target_fpr"] == 0.01 and manifest["configs"]["strip"]["n"] == 8  # where a bundle that lists it runs
     # the repaired signal's score is named where it runs and where its threshold was fitted
     assert manifest["signals"]["repaired"] == {"score": "jeffreys"} and th["repaired"]["score"] == "jeffreys"
     assert manifest["metrics"]["control"]["flagged_labels"] is not None
