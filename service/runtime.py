@@ -44,19 +44,23 @@ def pipeline_for(settings: Settings, bundle: Bundle) -> GuardPipeline:
     return pipeline
 
 
-# The default chunk (GUARD_CHUNK_IMAGES=0): CHUNK_ROWS classifier rows with every STRIP overlay, and never fewer
-# than MIN_CHUNK_IMAGES images, which single-image traffic at concurrency 8 batches anyway. bench/soak.py measured
-# 64-image batches at 1.19x the single-image steady state's memory with 16-image chunks at N = 4 (1.80x with 46),
-# and 1.06x with 8-image chunks at N = 32; a whole batch of the service at concurrency 32 (about 16 images) runs
-# in one call, where 8-image chunks cost a fifth of the guard's throughput (a scratch run).
-CHUNK_ROWS = 96
+# The default chunk (GUARD_CHUNK_IMAGES=0): CHUNK_ROWS rows over every model the guard calls per image (the
+# classifier with the image and each signal's extra rows, every STRIP overlay included; the repaired model; the
+# expert; each restoration's autoencoder), and never fewer than MIN_CHUNK_IMAGES images, which single-image traffic
+# at concurrency 8 batches anyway. ONNX Runtime keeps each session's largest call, so the bound is in rows. make
+# soak (bench/soak.py) measured 64-image batches at 1.19x the single-image steady state's memory with 16-image
+# chunks with STRIP at N = 4 (9 rows per image), 1.80x with 46; without STRIP (5 rows per image) 1.42x with 28-image
+# chunks and 1.69x with 48 (96 classifier rows, the rule before it counted the other models); 1.06x with 8-image
+# chunks at N = 32. A whole batch of the service at concurrency 32 (about 16 images) runs in one call per model,
+# where 8-image chunks cost a fifth of the guard's throughput (a scratch run).
+CHUNK_ROWS = 144
 MIN_CHUNK_IMAGES = 8
 
 
 def chunk_images(pipeline: GuardPipeline, one: np.ndarray) -> int:
-    """The default chunk for this pipeline: CHUNK_ROWS rows in the classifier's call when every STRIP overlay
-    runs (its largest call; the image itself is one row), at least MIN_CHUNK_IMAGES. one: a single model input."""
-    rows = 1 + sum(len(s.prepare(one)) for s in pipeline.signals if s.model == "classifier")
+    """The default chunk for this pipeline: CHUNK_ROWS rows over all its models' calls, at least MIN_CHUNK_IMAGES.
+    one: a single model input. A restoration signal (one with `restore`) also runs its autoencoder once per image."""
+    rows = 1 + sum(len(s.prepare(one)) + hasattr(s, "restore") for s in pipeline.signals)
     return max(MIN_CHUNK_IMAGES, CHUNK_ROWS // rows)
 
 

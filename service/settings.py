@@ -64,13 +64,14 @@ class Settings(BaseSettings):
     # ONNX Runtime's arenas keep the memory of the largest call they have seen: unchunked, batches of 64 images
     # (2,240 classifier rows at STRIP N = 32) held about 1 GB for good (the hardening issue measured 1,011 MiB).
     # Larger batches run as consecutive chunks, so a batch of 64 holds little more than single-image traffic at
-    # concurrency 8 holds anyway (reports/soak.md). The default is derived from the bundle's STRIP N
-    # (service.runtime.chunk_images): 16 images at N = 4, 8 at N = 32.
+    # concurrency 8 holds anyway (reports/soak.md). The default is derived from the rows the bundle's signals give
+    # every model per image (service.runtime.chunk_images): 28 images for the shipped bundle, 16 with STRIP at
+    # N = 4, 8 at N = 32.
     chunk_images: int = Field(
         0,
         ge=0,
         description="most images the guard runs through its models at once (bounds a batch's memory); "
-        "0 = as many as make 96 classifier rows with every STRIP overlay, at least 8",
+        "0 = as many as make 144 rows over all the guard's models (every STRIP overlay counted), at least 8",
     )
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     prefer_gpu: bool = Field(True, description="use the CUDA provider when onnxruntime-gpu sees a GPU")

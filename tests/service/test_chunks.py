@@ -10,16 +10,17 @@ from service.settings import Settings
 from tests.conftest import MODELS
 
 
-def test_the_default_chunk_bounds_the_classifier_call_by_rows(strip_bundle: Bundle) -> None:
+def test_the_default_chunk_bounds_every_models_call_by_rows(strip_bundle: Bundle) -> None:
     bundle = Bundle.load(MODELS)
     one = bundle.strip_bank[:1]
     assert "strip" not in bundle.signal_names
-    shipped = CHUNK_ROWS // 2  # the image and its restoration: the shipped signals' classifier rows
-    assert chunk_images(build_pipeline(bundle), one) == shipped == 48
+    # the image and its restoration (classifier), the autoencoder, the repaired model, the expert
+    shipped = CHUNK_ROWS // 5
+    assert chunk_images(build_pipeline(bundle), one) == shipped == 28  # as soak.md measured
     assert Runtime.build(Settings(), bundle).chunk_images == shipped
     assert Runtime.build(Settings(chunk_images=3), bundle).chunk_images == 3  # the setting wins
     n = strip_bundle.manifest["signals"]["strip"]["n"]
-    with_strip = max(MIN_CHUNK_IMAGES, CHUNK_ROWS // (n + 2))  # the image, its restoration, N overlays
+    with_strip = max(MIN_CHUNK_IMAGES, CHUNK_ROWS // (n + 5))  # and N overlays
     assert chunk_images(build_pipeline(strip_bundle), one) == with_strip == 16  # at N = 4, as soak.md measured
     assert chunk_images(build_pipeline(strip_bundle, strip_n=32), one) == 8  # never fewer: what N = 32 was measured at
 
