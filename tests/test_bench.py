@@ -90,6 +90,8 @@ def test_headline_keys_and_the_bar_table() -> None:
     assert "| the same counting classifier passes only (the classifier / 34.00; " in text
     assert h["over_art_strip_n32"] == pytest.approx(6.0) and h["art_strip_n32_images_per_s"] == 50.0
     assert "| >= 5x ART's STRIP (N = 32, as the issue names it) | 6.0x | yes |" in text
+    assert h["in_process_over_art_strip_n32"] == pytest.approx(9.0)  # 450 images/s at batch 256 against 50
+    assert "| ... the guard in process at batch 256 against ART in process, neither behind HTTP | 9.0x | yes |" in text
     assert "| the same at N = 32 (the bundle's STRIP config) | 3.0x | **no** |" in text
     assert "(AUROC below) | on wanet | **no** |" in text  # ART separates WaNet better here: not met
     assert "| wanet | 0.8000 | 0.7000 |" in text
