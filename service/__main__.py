@@ -26,13 +26,16 @@ def load_settings() -> Settings:
 
 
 def serve(settings: Settings) -> None:
-    """Load and check the bundle first, so a bad one stops the start with one line (exit 1), then serve."""
+    """Load and check the bundle and the guard the settings ask of it first, so a bad one (or a setting it cannot
+    honour, GUARD_STRIP_N on a bundle without STRIP) stops the start with one line (exit 1), then serve."""
     from service.app import create_app, load_bundle
     from service.bundle import BundleError
+    from service.runtime import pipeline_for
     from service.server import serve as run_server
 
     try:
         bundle = load_bundle(settings)
+        pipeline_for(settings, bundle)
     except (BundleError, OSError, ValueError) as err:
         sys.stderr.write(f"backdoor-guard: refusing to start: bundle {settings.models_dir}: {err}\n")
         raise SystemExit(1) from None

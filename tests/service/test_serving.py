@@ -90,6 +90,14 @@ def test_the_process_refuses_a_tampered_bundle(tmp_path: Path) -> None:
     assert "strip_bank" in out and "SHA-256" in out
 
 
+def test_a_strip_n_for_a_bundle_without_strip_stops_the_start_with_one_line() -> None:
+    proc = run_service({"GUARD_STRIP_N": "8", "GUARD_PORT": str(free_port())})
+    out, _ = proc.communicate(timeout=60)
+    last = out.strip().splitlines()[-1]  # after the bundle's own "verified" log line, one line and no traceback
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    assert last.startswith("backdoor-guard: refusing to start") and "GUARD_STRIP_N is set but" in last, out
+
+
 def test_invalid_settings_stop_the_start_with_a_clear_message() -> None:
     for env, words in (
         ({"GUARD_PORT": "eighty"}, "GUARD_PORT"),
@@ -101,3 +109,23 @@ def test_invalid_settings_stop_the_start_with_a_clear_message() -> None:
         proc = run_service(env)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 2 and words in out, out
+
+
+def test_the_fused_surprise_histogram_holds_each_judged_image(settings: Settings, samples: dict) -> None:
+    """guard_fused_surprise observes -ln(1 - score) of every judged image (capped where the score rounds to 1),
+    whatever the bundle's signals, and its threshold on that scale is served beside the fused one."""
+    from service.metrics import FUSED_CAP
+
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        blobs = [png(p) for p in (*samples["clean"][:6], *samples["triggered"][:2])]
+        results = c.post("/classify", files=files(*blobs)).json()["results"]
+        surprise = c.get("/v2/models/fashion-mnist-kwon").json()["thresholds"]["fused"]["surprise"]
+        text = c.get("/metrics").text
+    value = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
+    assert value("guard_fused_surprise_count") == len(results) == 8
+    expected = [min(-np.log1p(-min(r["score"], 1.0)) if r["score"] < 1 else FUSED_CAP, FUSED_CAP) for r in results]
+    assert value("guard_fused_surprise_sum") == pytest.approx(sum(expected), rel=1e-6)
+    below = value('guard_fused_surprise_bucket{le="12.0"}')  # the bucket just above the threshold (11.7)
+    assert 11 < surprise < 12 and below == sum(not r["backdoor"] for r in results)
+    assert sum(r["backdoor"] for r in results) >= 2  # the triggered ones, past the threshold
