@@ -1,6 +1,7 @@
 """Detection per cost (training/cost.py): candidate sets, their cost, and fusion as calibration does it."""
 
 import numpy as np
+import pytest
 
 from training.cost import candidates, fused_rates
 
@@ -28,3 +29,17 @@ def test_fused_rates_threshold_on_half_b_at_the_target_fpr() -> None:
     assert 0.005 <= one["fpr"] <= 0.02 and one["tpr"] > 0.85  # N(4, 1) above N(0, 1)'s 99th percentile
     both = fused_rates(sets, ["a", "b"], "fisher", 0.01)
     assert 0.005 <= both["fpr"] <= 0.02 and both["tpr"] < one["tpr"]  # a noise signal only dilutes
+
+
+@pytest.mark.data
+def test_the_full_set_weighs_strip_beside_a_bundle_that_leaves_it_out() -> None:
+    from service.bundle import Bundle
+    from tests.conftest import MODELS
+    from training.cost import full_set, signal_passes
+
+    bundle = Bundle.load(MODELS)
+    assert "strip" not in bundle.signal_names  # make cost's choice, shipped
+    signals = full_set(bundle)
+    assert signals == [*bundle.signal_names, "strip"]
+    n = bundle.manifest["configs"]["strip"]["n"]  # STRIP runs at the bundle's config when weighed
+    assert signal_passes(bundle, signals) == {**signal_passes(bundle), "strip": n}
