@@ -31,7 +31,8 @@ from service.signals.strip import Blend, StripSignal, overlay_entropies, strip_e
 __all__ = [
     "RULES", "SOURCES", "ActivationSignal", "Blend", "Classify", "DetriggerSignal", "Fusion", "GuardPipeline",
     "GuardResult", "MaskedAESignal", "NonFiniteScore", "PlainPipeline", "Prediction", "RepairedSignal", "Signal",
-    "SignalResult", "SqueezeSignal", "StripSignal", "entropy_bits", "fail_closed", "label_source", "softmax",
+    "SignalResult", "SqueezeSignal", "StripSignal", "entropy_bits", "fail_closed", "fused_surprise", "label_source",
+    "softmax",
     "strip_entropy", "superimpose", "trusted_labels",
 ]  # fmt: skip
 
@@ -99,6 +100,13 @@ class Fusion:
             threshold=float(fused["threshold"]),
             rule=str(fused.get("rule", "max")),
         )
+
+
+def fused_surprise(score: np.ndarray | float) -> np.ndarray:
+    """-ln(1 - fused score): the surprise `Fusion.combine` turned into the score (the signals' sum under the
+    Fisher rule, the largest under max); inf where the score rounds to 1."""
+    with np.errstate(divide="ignore"):
+        return -np.log1p(-np.minimum(score, 1.0))
 
 
 @dataclass

@@ -6,7 +6,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
 from service.batcher import BatchStats
-from service.guard import GuardResult
+from service.guard import GuardResult, fused_surprise
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -96,9 +96,7 @@ class Metrics:
         self.images.labels(verdict="clean").inc(len(result.backdoor) - n_backdoor)
         for name, signal in result.signals.items():
             self.triggers.labels(signal=name).inc(int(signal.triggered.sum()))
-        with np.errstate(divide="ignore"):  # a score of exactly 1 is past the cap
-            surprise = np.minimum(-np.log1p(-np.minimum(result.score, 1.0)), FUSED_CAP)
-        for value in surprise:
+        for value in np.minimum(fused_surprise(result.score), FUSED_CAP):  # a score of 1 is past the cap
             self.fused.observe(float(value))
         if "strip" in result.signals:  # bundles that run STRIP (not the default since make cost dropped it)
             for value in result.signals["strip"].evidence.get("entropy", []):

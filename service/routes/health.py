@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from service import __version__, oip
 from service.errors import NotReady, UnknownModel, responses
+from service.guard import fused_surprise
 from service.runtime import Runtime, RuntimeDep
 from service.schemas import Health, ModelMetadata, ServerMetadata
 
@@ -50,8 +51,8 @@ def _served_thresholds(runtime: RuntimeDep) -> dict[str, Any]:
             out["strip"]["n"] = getattr(signal, "n", None)
     assert runtime.pipeline.fusion is not None
     threshold = runtime.pipeline.fusion.threshold
-    # the threshold on guard_fused_surprise's scale (-ln(1 - score)), for dashboards and alerts
-    out["fused"] = {"threshold": threshold, "surprise": -math.log1p(-threshold) if threshold < 1 else None}
+    surprise = float(fused_surprise(threshold))  # on guard_fused_surprise's scale, for dashboards and alerts
+    out["fused"] = {"threshold": threshold, "surprise": surprise if math.isfinite(surprise) else None}
     return out
 
 
