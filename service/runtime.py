@@ -52,7 +52,7 @@ def pipeline_for(settings: Settings, bundle: Bundle) -> GuardPipeline:
 # chunks with STRIP at N = 4 (9 rows per image), 1.80x with 46; without STRIP (5 rows per image) 1.42x with 28-image
 # chunks and 1.69x with 48 (96 classifier rows, the rule before it counted the other models); 1.06x with 8-image
 # chunks at N = 32. A whole batch of the service at concurrency 32 (about 16 images) runs in one call per model,
-# where 8-image chunks cost a fifth of the guard's throughput (a scratch run).
+# where 8-image chunks cost the guard much of its throughput (a one-off run, not a repo command).
 CHUNK_ROWS = 144
 MIN_CHUNK_IMAGES = 8
 
