@@ -10,7 +10,7 @@ export GUARD_HOST GUARD_PORT
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT = $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: serve test data data-mnist system-deps bundle smoke evaluate cost bench soak lint clean docker-lock screenshots
+.PHONY: serve test data data-mnist system-deps bundle smoke evaluate cost repair-sweep bench soak lint clean docker-lock screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ evaluate: $(VENV)/.dev-installed data data-mnist
 # reports/cost.md: fused detection of each candidate signal set and STRIP N on every suite attack (after evaluate).
 cost: $(VENV)/.dev-installed data
 	$(BIN)/python -m training.cost
+
+# reports/repair.md: candidate clean-data repair recipes side by side on every suite model (the suite's cached
+# classifiers; the shipped one for kwon): clean accuracy against attack success.
+repair-sweep: $(VENV)/.dev-installed data
+	$(BIN)/python -m training.repair_sweep
 
 # reports/benchmark.md: the service under `hey`, the roofline and the peers, in one run.
 bench: $(VENV)/.dev-installed data

@@ -7,7 +7,8 @@ import os
 import random
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,6 +69,24 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def table_head(first: str, columns: Iterable[str]) -> list[str]:
+    """A markdown table's header row and rule: `first` then one cell per column."""
+    cols = list(columns)
+    return [f"| {first} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+
+
+def write_report(report: dict[str, Any], command: str, start: float, out: Path, stem: str,
+                 render: Callable[[dict[str, Any]], str]) -> None:  # fmt: skip
+    """Stamp a report with the command that made it and its seconds since `start` (time.perf_counter()), write
+    out/stem.json and out/stem.md (`render`), and print the markdown."""
+    report["command"], report["seconds"] = command, time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = render(report)
+    (out / f"{stem}.md").write_text(text)
+    sys.stdout.write(text)
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -16,7 +16,6 @@ writes reports/cost.json and reports/cost.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -29,6 +28,7 @@ from service.bundle import Bundle, build_pipeline
 from service.preprocess import to_model_input
 from training.attacks import PRESETS, triggered_pixels, victims
 from training.calibration import CalibrationConfig, collect, fit_fusion, split_calibration
+from training.common import write_report
 from training.data import DataConfig, load_dataset
 from training.metrics import rate
 from training.suite import SUITE, suite_bundle
@@ -176,12 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
     report = run(args.models, args.images, args.slack, args.keep_scores)
-    report["command"] = " ".join(["python -m training.cost", *(sys.argv[1:] if argv is None else argv)])
-    report["seconds"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cost.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "cost.md").write_text(render(report))
-    sys.stdout.write(render(report))
+    command = " ".join(["python -m training.cost", *(sys.argv[1:] if argv is None else argv)])
+    write_report(report, command, start, args.out, "cost", render)
 
 
 if __name__ == "__main__":

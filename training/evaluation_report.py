@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
+from training.common import table_head
 from training.metrics import Outcome, pct
 
 
@@ -152,8 +153,7 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
         "",
         "### What each signal adds: the fused verdict without it (TPR / FPR, threshold re-fitted on clean data)",
         "",
-        "| attack | " + " | ".join(drops) + " |",
-        "|---|" + "---|" * len(drops),
+        *table_head("attack", drops),
     ]
     for name, a in attacks.items():
         lines.append(
@@ -252,6 +252,10 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
         "| attack | " + " | ".join(checks) + " |",
         "|---|" + "---|" * len(checks),
         *[f"| {b['attack']} | " + " | ".join(_met(b.get(c)) for c in checks) + " |" for b in suite["bars"]],
+        "",
+        "`repaired_acc>=original-1pt` weighs the repaired model alone; what each candidate repair recipe trades",
+        "between its clean accuracy and the attack's success on it, suite model by suite model, is",
+        "reports/repair.md (`make repair-sweep`).",
         "",
     ]
     return lines

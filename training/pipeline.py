@@ -349,15 +349,22 @@ class Builder:
                 path, model, meta["arch"], meta["config"], num_classes=meta["num_classes"], input_shape=shape, **facts
             )
 
-    def stage_repair(self) -> None:
-        """Fine-prune and unlearn a copy of the classifier on clean data (the bank and the repair share)."""
-        model = self.load_classifier(self.classifier_path)
-        nc = NeuralCleanseResult.load(self.work / "neural_cleanse.npz")
+    def repaired(
+        self, config: RepairConfig, classifier: Path | None = None, reversed_triggers: Path | None = None
+    ) -> tuple[torch.nn.Module, dict[str, float]]:
+        """A copy of the classifier (or of `classifier`) fine-pruned and unlearned by `config` on clean data (the
+        bank and the repair share), with Neural Cleanse's result in the work folder (or `reversed_triggers`)."""
+        model = self.load_classifier(classifier or self.classifier_path)
+        nc = NeuralCleanseResult.load(reversed_triggers or self.work / "neural_cleanse.npz")
         idx = repair_indices(len(self.x_cal), self.config.calibration)
-        labels = suspects(nc.l1_norms, nc.flagged_labels, self.config.repair.unlearn_labels)
+        labels = suspects(nc.l1_norms, nc.flagged_labels, config.unlearn_labels)
         log.info("unlearning the reversed triggers of labels %s", labels)
         y = self.dataset.calibration.labels[idx]
-        model, facts = repair(model, self.x_cal[idx], y, nc.masks[labels], nc.patterns[labels], self.config.repair)
+        return repair(model, self.x_cal[idx], y, nc.masks[labels], nc.patterns[labels], config)
+
+    def stage_repair(self) -> None:
+        """Fine-prune and unlearn a copy of the classifier on clean data (the bank and the repair share)."""
+        model, facts = self.repaired(self.config.repair)
         self._save_derived("repaired_classifier", model, {"repair": self.config.repair, **facts})
 
     def stage_expert(self) -> None:

@@ -66,6 +66,9 @@ CACHED = {
 
 
 DATA_KEY_FIELDS = ("dataset", "data_dir", "calibration_size", "seed")  # DataConfig's fields when keys were first kept
+# Config fields added after the cache keys were first kept: they count only when set to other than their default,
+# so that models cached before them stay valid (and bundles calibrated before them stay current).
+ADDED_LATER = {"repair": ("distill", "distill_temperature", "mixup")}
 
 
 def config_of(name: str, data: DataConfig | None = None) -> BuildConfig:
@@ -80,7 +83,15 @@ def stage_key(config: BuildConfig, stage: str) -> str:
     )
     if "data" in parts:
         parts["data"] = data_key(config.data)
+    for part in ADDED_LATER.keys() & parts.keys():
+        parts[part] = config_key(part, parts[part])
     return json.dumps(parts, sort_keys=True)
+
+
+def config_key(part: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A config (as JSON) in a key or a comparison: the ADDED_LATER fields at their defaults left out."""
+    defaults = to_jsonable(getattr(BuildConfig(), part))
+    return {k: v for k, v in values.items() if k not in ADDED_LATER.get(part, ()) or v != defaults[k]}
 
 
 def data_key(data: DataConfig) -> dict[str, Any]:
@@ -122,7 +133,7 @@ def _current(builder: Builder, shipped: Path) -> bool:
     )
     same_signals = m.get("signals") == signal_params(m["files"], config.calibration)  # names and parameters
     same_config = "thresholds" in m and all(
-        m["configs"].get(part) == to_jsonable(getattr(config, part))
+        config_key(part, m["configs"].get(part) or {}) == config_key(part, to_jsonable(getattr(config, part)))
         for part in ("classifier", "repair", "expert", "calibration")
     )
     same_models = all((name in m["files"]) == builder.derived_path(name).is_file() for name in DERIVED_MODELS)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from training.classifier import ClassifierConfig, build_classifier, train_classifier
-from training.repair import RepairConfig, accuracy, prune_dormant, repair, universal_perturbation
+from training.repair import RepairConfig, accuracy, distillation, prune_dormant, repair, universal_perturbation
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,34 @@ def test_repair_keeps_the_interface_and_clean_accuracy(toy: tuple[torch.nn.Modul
     assert logits.shape == (3, 10) and features.shape == (3, 256)
     assert accuracy(repaired, images[800:], labels[800:]) >= accuracy(model, images[800:], labels[800:]) - 0.02
     assert facts["repair_images"] == 640 and 0 <= facts["pruned_share"] <= 0.8
+
+
+@pytest.mark.parametrize("knobs", [{"distill": 0.5, "distill_temperature": 2.0}, {"mixup": 0.2}])
+def test_distillation_and_mixup_train_another_model_that_keeps_clean_accuracy(
+    toy: tuple[torch.nn.Module, np.ndarray, np.ndarray], knobs: dict[str, float]
+) -> None:
+    """The regularisers `make repair-sweep` weighs change what the repair learns (not a no-op) and keep it
+    accurate; the original model, the distillation's teacher, is left as it was."""
+    model, images, labels = toy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = np.zeros((10, 28, 28), np.float32)
+    masks[:, :4, :4] = 1.0
+    patterns = np.ones((10, 1, 28, 28), np.float32)
+    repaired = {}
+    for name, config in {"plain": RepairConfig(epochs=2), "regularised": RepairConfig(epochs=2, **knobs)}.items():
+        clone = build_classifier("mlp")
+        clone.load_state_dict(model.state_dict())
+        repaired[name], _ = repair(clone, images[:800], labels[:800], masks, patterns, config)
+        assert (
+            accuracy(repaired[name], images[800:], labels[800:]) >= accuracy(model, images[800:], labels[800:]) - 0.02
+        )
+    x = torch.from_numpy(images[800:])
+    with torch.no_grad():
+        assert not torch.allclose(repaired["plain"](x)[0], repaired["regularised"](x)[0])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_distillation_loss_is_zero_for_the_teachers_own_logits_and_positive_otherwise() -> None:
+    logits = torch.randn(8, 10)
+    assert float(distillation(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation(torch.zeros(8, 10), logits, 2.0)) > 0

@@ -1,5 +1,6 @@
 """The suite's definition, its cache keys, the as-sent transforms and the bar check (no training here)."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -7,7 +8,7 @@ import numpy as np
 from service.preprocess import Preprocessing
 from training.attacks import PRESETS
 from training.classifier import ARCHS
-from training.suite import AS_SENT, SUITE, as_sent, bars, config_of, stage_key
+from training.suite import ADDED_LATER, AS_SENT, SUITE, as_sent, bars, config_of, stage_key
 
 
 def test_suite_covers_every_family_on_every_architecture() -> None:
@@ -28,6 +29,18 @@ def test_cache_keys_follow_what_each_stage_depends_on() -> None:
     assert stage_key(other_nc, "classifier") == stage_key(config, "classifier")
     assert stage_key(other_nc, "neural-cleanse") != stage_key(config, "neural-cleanse")
     assert stage_key(other_nc, "repair") != stage_key(config, "repair")
+
+
+def test_repair_fields_added_later_leave_the_cached_keys_alone_until_set() -> None:
+    """A key kept before `distill`/`mixup` existed (no such fields) is the key of today's default config, so the
+    cached repairs stay valid; setting one makes a new key."""
+    config = config_of("wanet")
+    key = json.loads(stage_key(config, "repair"))
+    assert not set(ADDED_LATER["repair"]) & key["repair"].keys()
+    for change in ({"distill": 0.5}, {"mixup": 0.2}, {"distill_temperature": 2.0}):
+        other = replace(config, repair=replace(config.repair, **change))
+        assert stage_key(other, "repair") != stage_key(config, "repair")
+        assert stage_key(other, "classifier") == stage_key(config, "classifier")
 
 
 def test_integer_upscaling_comes_back_through_the_service_preprocessing() -> None:
