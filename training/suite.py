@@ -66,9 +66,10 @@ CACHED = {
 
 
 DATA_KEY_FIELDS = ("dataset", "data_dir", "calibration_size", "seed")  # DataConfig's fields when keys were first kept
-# Config fields added after the cache keys were first kept: they count only when set to other than their default,
-# so that models cached before them stay valid (and bundles calibrated before them stay current).
-ADDED_LATER = {"repair": ("distill", "distill_temperature", "mixup")}
+# Config fields added after the cache keys were first kept, with the value that does what the config did before
+# the field existed: at that value a field is left out of keys and comparisons, so that models cached before it
+# stay valid (and bundles calibrated before it stay current); at any other value, the default included, it counts.
+ADDED_LATER: dict[str, dict[str, Any]] = {"repair": {"distill": 0.0, "distill_temperature": 1.0, "mixup": 0.0}}
 
 
 def config_of(name: str, data: DataConfig | None = None) -> BuildConfig:
@@ -89,9 +90,9 @@ def stage_key(config: BuildConfig, stage: str) -> str:
 
 
 def config_key(part: str, values: dict[str, Any]) -> dict[str, Any]:
-    """A config (as JSON) in a key or a comparison: the ADDED_LATER fields at their defaults left out."""
-    defaults = to_jsonable(getattr(BuildConfig(), part))
-    return {k: v for k, v in values.items() if k not in ADDED_LATER.get(part, ()) or v != defaults[k]}
+    """A config (as JSON) in a key or a comparison: the ADDED_LATER fields at their former value left out."""
+    former = ADDED_LATER.get(part, {})
+    return {k: v for k, v in values.items() if k not in former or v != former[k]}
 
 
 def data_key(data: DataConfig) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`make repair-sweep`'s bookkeeping (no training here): where the kwon entry's models come from, the summary
 per candidate and the report that quotes it."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,12 @@ def test_kwon_is_repaired_from_the_shipped_checkpoints_with_the_shipped_calibrat
     assert builder.config.calibration.bank_size == manifest["configs"]["calibration"]["bank_size"]
 
 
-def test_every_candidate_differs_from_the_default_in_what_its_name_says() -> None:
-    assert CANDIDATES["default"] == RepairConfig()
-    assert CANDIDATES["without pruning"] == RepairConfig(prune=False)
-    assert CANDIDATES["distillation 0.5"].distill == 0.5 and CANDIDATES["mixup 0.2"].mixup == 0.2
+def test_every_candidate_differs_from_the_recipe_before_distillation_in_what_its_name_says() -> None:
+    base = CANDIDATES["prune and unlearn"]
+    assert base == RepairConfig(distill=0.0) and base.prune and base.unlearn_share > 0
+    assert CANDIDATES["without pruning"] == replace(base, prune=False)
+    assert CANDIDATES["distillation 0.5"] == replace(base, distill=0.5) == RepairConfig()  # today's default
+    assert CANDIDATES["mixup 0.2"] == replace(base, mixup=0.2)
     assert len(set(CANDIDATES.values())) == len(CANDIDATES)  # no two alike
 
 
