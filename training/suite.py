@@ -69,7 +69,11 @@ DATA_KEY_FIELDS = ("dataset", "data_dir", "calibration_size", "seed")  # DataCon
 # Config fields added after the cache keys were first kept, with the value that does what the config did before
 # the field existed: at that value a field is left out of keys and comparisons, so that models cached before it
 # stay valid (and bundles calibrated before it stay current); at any other value, the default included, it counts.
-ADDED_LATER: dict[str, dict[str, Any]] = {"repair": {"distill": 0.0, "distill_temperature": 1.0, "mixup": 0.0}}
+# DataConfig's later fields (a user's own data) did nothing at their defaults.
+ADDED_LATER: dict[str, dict[str, Any]] = {
+    "data": {k: v for k, v in to_jsonable(DataConfig()).items() if k not in DATA_KEY_FIELDS},
+    "repair": {"distill": 0.0, "distill_temperature": 1.0, "mixup": 0.0},
+}
 
 
 def config_of(name: str, data: DataConfig | None = None) -> BuildConfig:
@@ -82,8 +86,6 @@ def stage_key(config: BuildConfig, stage: str) -> str:
     parts = to_jsonable(
         {part: getattr(config, part) if part != "attack" else config.attack_config for part in CACHED[stage]}
     )
-    if "data" in parts:
-        parts["data"] = data_key(config.data)
     for part in ADDED_LATER.keys() & parts.keys():
         parts[part] = config_key(part, parts[part])
     return json.dumps(parts, sort_keys=True)
@@ -96,10 +98,8 @@ def config_key(part: str, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def data_key(data: DataConfig) -> dict[str, Any]:
-    """DataConfig in a cache key: the fields added for a user's own data count only when set, so that keys kept
-    before them stay valid."""
-    defaults, values = to_jsonable(DataConfig()), to_jsonable(data)
-    return {k: v for k, v in values.items() if k in DATA_KEY_FIELDS or v != defaults[k]}
+    """DataConfig in a cache key: the fields added for a user's own data count only when set (ADDED_LATER)."""
+    return config_key("data", to_jsonable(data))
 
 
 def train(name: str, root: Path = EVAL_ROOT, data: DataConfig | None = None, stages: tuple[str, ...] = ()) -> Builder:
