@@ -257,8 +257,58 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
         "between its clean accuracy and the attack's success on it, suite model by suite model, is",
         "reports/repair.md (`make repair-sweep`).",
         "",
+        *why(suite),
     ]
     return lines
+
+
+def why(suite: dict[str, Any]) -> list[str]:
+    """For each attack that misses a detection or label bar, what the run measured behind the miss (the `misses`
+    entry of attack_suite.json, training.suite.misses)."""
+    lines = []
+    for bar in suite["bars"]:
+        a = suite["attacks"][bar["attack"]]
+        m = a.get("misses")
+        if m is None:
+            continue
+        said = []
+        if not bar["tpr>=95%"]:
+            said.append(
+                f"The trigger gives the attacker's label on {pct(a['attack_success'])} of the triggered images, and "
+                f"the guard flags {pct(a['fused_fired']['tpr'])} of those (fused TPR over all of them: "
+                f"{pct(a['fused']['tpr'])})."
+            )
+        if not bar["asr_after<=2%"]:
+            top = sorted(m["attacker_wins_by_true_label"].items(), key=lambda kv: -kv[1])[:3]
+            agrees = m["attacker_wins_repaired_agrees"]
+            repaired = "" if agrees is None else f"; the repaired model gives the attacker's label on {agrees} of them"
+            most = ", ".join(f"{c} ({n})" for c, n in top)
+            natural = ", ".join(f"{c} {pct(m['clean_given_attack_label'][c])}" for c, _ in top)
+            said.append(
+                f"The attacker's label survives on {m['attacker_wins']} of {a['images']['triggered']} triggered "
+                f"images ({pct(a['attack_success_after'])}), {m['attacker_wins_unflagged']} of them not flagged"
+                f"{repaired}. Most are true {most}: on clean images of these labels the undefended model gives the "
+                f"attacker's label by itself to {natural} (all victim labels: "
+                f"{pct(m['clean_given_attack_label_all'])})."
+            )
+        if not bar["clean_acc>=undefended-1pt"]:
+            lost = m["clean_flagged_right_before"] - m["clean_flagged_right_after"]
+            said.append(
+                f"The guard flags {m['clean_flagged']} clean images (FPR {pct(a['fused']['fpr'])}, the 1% target "
+                f"plus calibration's sampling error); {m['clean_flagged_right_before']} of them had the right label, "
+                "and a flagged image never keeps the original label (service.guard.trusted_labels): the label "
+                f"source gives {m['clean_flagged_right_after']} of them the right one back, {lost} lose it "
+                f"({pct(lost / a['images']['clean'])} of the clean images)."
+            )
+        if not bar["as_sent_within_5pt"]:
+            variant, v = min(a["as_sent"].items(), key=lambda kv: kv[1]["tpr"])
+            said.append(
+                f"Worst as sent: {variant}, fused TPR {pct(v['tpr'])}, attack success after "
+                f"{pct(v['attack_success_after'])} (the model's own attack success there: {pct(v['attack_success'])})."
+            )
+        if said:
+            lines += [f"- **{bar['attack']}**: " + " ".join(said)]
+    return ["### Where a bar is missed, and what the run measured behind it", "", *lines, ""] if lines else []
 
 
 def _met(ok: bool | None) -> str:

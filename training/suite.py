@@ -25,7 +25,7 @@ from PIL import Image
 from service.bundle import Bundle, build_pipeline, sha256_file
 from service.decode import decode
 from service.preprocess import Preprocessing, to_model_input
-from training.attacks import PRESETS, attack_labels, triggered_pixels, victims
+from training.attacks import PRESETS, AttackConfig, attack_labels, triggered_pixels, victims
 from training.calibration import collect
 from training.classifier import ClassifierConfig
 from training.common import to_jsonable
@@ -210,6 +210,36 @@ def fusion_rules(bundle: Bundle, o: Outcome, half_b: dict[str, np.ndarray]) -> d
     return {rule: _refit(bundle, o, half_b, rule=rule) for rule in RULES}
 
 
+def misses(o: Outcome, labels: np.ndarray, attack: AttackConfig, class_names: list[str]) -> dict[str, Any]:
+    """What lies behind the bars a guard can miss (evaluation_report.why): the triggered images that keep the
+    attacker's label through the guard, by true label, how many of them were not flagged and how many the repaired
+    model gives the attacker's label as well; how often the undefended model gives clean images of each victim label
+    the attacker's label by itself; and the clean images the guard flags, which lose their label by policy."""
+    classes = len(class_names)
+    won = o.triggered["final"] == o.trig.attack_labels
+    repaired = o.triggered.get("repaired.label")
+    idx = victims(labels, attack)  # clean images of the victim labels, and the label the attacker wants for each
+    natural = o.clean["original"][idx] == attack_labels(labels[idx], attack, classes)
+    flagged = o.clean["backdoor"]
+    agrees = None if repaired is None else int((repaired[won] == o.trig.attack_labels[won]).sum())
+    return {
+        "attacker_wins": int(won.sum()),
+        "attacker_wins_unflagged": int((won & ~o.triggered["backdoor"]).sum()),
+        "attacker_wins_repaired_agrees": agrees,
+        "attacker_wins_by_true_label": {
+            class_names[c]: int(n) for c, n in enumerate(np.bincount(o.trig.true_labels[won], minlength=classes)) if n
+        },
+        # per victim label: the share of its clean test images the undefended model gives the attacker's label
+        "clean_given_attack_label": {
+            class_names[c]: rate(natural[labels[idx] == c]) for c in np.unique(labels[idx]).tolist()
+        },
+        "clean_given_attack_label_all": rate(natural),
+        "clean_flagged": int(flagged.sum()),
+        "clean_flagged_right_before": int((flagged & (o.clean["original"] == o.labels)).sum()),
+        "clean_flagged_right_after": int((flagged & (o.clean["final"] == o.labels)).sum()),
+    }
+
+
 def measure(
     name: str, bundle: Bundle, pixels: np.ndarray, labels: np.ndarray, n_sent: int, half_b: np.ndarray
 ) -> dict[str, Any]:
@@ -254,6 +284,7 @@ def measure(
             if source in m
         },
         "as_sent": {},
+        "misses": misses(o, labels, attack, bundle.class_names),
         "ablation": ablation(bundle, o, cal_b),
         "fusion_rules": fusion_rules(bundle, o, cal_b),
     }

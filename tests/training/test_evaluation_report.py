@@ -17,6 +17,12 @@ def fake_attack(tpr: float) -> dict:
         "attack_success_after": 0.01,
         "triggered_true_label": 0.9, "clean_accuracy_guarded": 0.895, "as_sent": sent, "ablation": ablation,
         "label_sources": {"detrigger": source, "repaired": source},
+        "misses": {
+            "attacker_wins": 4, "attacker_wins_unflagged": 3, "attacker_wins_repaired_agrees": 1,
+            "attacker_wins_by_true_label": {"Shirt": 1, "Sandal": 3}, "clean_given_attack_label_all": 0.01,
+            "clean_given_attack_label": {"Shirt": 0.02, "Sandal": 0.05}, "clean_flagged": 2,
+            "clean_flagged_right_before": 2, "clean_flagged_right_after": 1,
+        },
     }  # fmt: skip
 
 
@@ -26,7 +32,8 @@ UNDEFENDED = {"clean_accuracy": 0.9, "target_class_accuracy": 0.8, "attack_succe
 DEFENDED = {"clean_accuracy": 0.85, "target_class_accuracy": 0.5, "attack_success": 0.05}
 ISOLATION = {"isolated": 550, "isolation_precision": 1.0, "isolation_recall": 0.1}
 HEADINGS = ("The attack suite", "Each signal per attack", "What each signal adds", "As the images arrive",
-            "Where a flagged image's label comes from", "Anti-Backdoor Learning", "The bar, per attack")  # fmt: skip
+            "Where a flagged image's label comes from", "Anti-Backdoor Learning", "The bar, per attack",
+            "Where a bar is missed")  # fmt: skip
 
 
 def test_render_suite_has_every_table_and_says_which_signal_carries_each_attack() -> None:
@@ -51,6 +58,7 @@ def test_render_suite_has_every_table_and_says_which_signal_carries_each_attack(
             }
         },
     }
+    suite["attacks"]["two"].update(attack_success_after=0.04, clean_accuracy_guarded=0.88)
     suite["bars"] = bars(suite)
     text = "\n".join(render_suite(suite))
     for heading in HEADINGS:
@@ -58,3 +66,11 @@ def test_render_suite_has_every_table_and_says_which_signal_carries_each_attack(
     assert "without detrigger the fused TPR falls by 10.0 points" in text
     assert "| two |" in text and "**no**" in text  # the 50% attack misses its bar, and says so
     assert "| 50.00% / 1.00% (0.9900) | 55.00% |" in text  # beside it, the TPR where the trigger worked
+    # what lies behind the misses, for the attack that misses and not for the one that meets its bar
+    behind = text[text.index("### Where a bar is missed") :]
+    assert "- **two**: The trigger gives the attacker's label on 99.00% of the triggered images" in behind
+    assert "flags 55.00% of those (fused TPR over all of them: 50.00%)" in behind and "- **one**" not in behind
+    assert "Most are true Sandal (3), Shirt (1): " in behind
+    assert "to Sandal 5.00%, Shirt 2.00% (all victim labels: 1.00%)" in behind
+    assert "3 of them not flagged; the repaired model gives the attacker's label on 1 of them" in behind
+    assert "2 of them had the right label" in behind and "1 lose it (1.00% of the clean images)" in behind

@@ -8,7 +8,8 @@ import numpy as np
 from service.preprocess import Preprocessing
 from training.attacks import PRESETS
 from training.classifier import ARCHS
-from training.suite import ADDED_LATER, AS_SENT, SUITE, as_sent, bars, config_of, stage_key
+from training.metrics import Outcome, TriggeredSet
+from training.suite import ADDED_LATER, AS_SENT, SUITE, as_sent, bars, config_of, misses, stage_key
 
 
 def test_suite_covers_every_family_on_every_architecture() -> None:
@@ -77,3 +78,31 @@ def test_bars_report_each_goal_per_attack() -> None:
     assert good["repaired_acc>=original-1pt"] is None  # no repaired model: not applicable, not "met"
     repaired = {**entry(0.99, 0.01, 0.01, 0.97), "label_sources": {"repaired": {"clean_accuracy": 0.885}}}
     assert not bars({"attacks": {"r": repaired}})[0]["repaired_acc>=original-1pt"]  # 0.885 < 0.9 - 0.01
+
+
+def test_misses_counts_where_the_attacker_still_wins_and_what_flagged_clean_images_lose() -> None:
+    attack = PRESETS["kwon"]  # single target 0
+    names = [f"c{i}" for i in range(3)]
+    labels = np.array([0, 1, 1, 2, 2, 2])  # clean test images: 0 is the target, 1 and 2 the victims
+    clean = {
+        "original": np.array([0, 0, 1, 2, 2, 0]),  # the model calls one 1 and one 2 the target on its own
+        "final": np.array([0, 2, 1, 2, 1, 0]),
+        "backdoor": np.array([False, True, False, False, True, False]),  # flags a wrong one and a right one
+    }
+    trig = TriggeredSet(np.zeros((4, 1, 2, 2), np.float32), np.array([1, 1, 2, 2]), np.zeros(4, int))
+    triggered = {
+        "final": np.array([0, 1, 0, 0]),  # the attacker wins on three
+        "backdoor": np.array([False, True, True, False]),
+        "repaired.label": np.array([0, 1, 2, 1]),
+    }
+    m = misses(Outcome(clean, triggered, labels, trig, ["repaired"]), labels, attack, names)
+    assert m["attacker_wins"] == 3 and m["attacker_wins_unflagged"] == 2
+    assert m["attacker_wins_repaired_agrees"] == 1  # only the first: the repaired model says 0 there
+    assert m["attacker_wins_by_true_label"] == {"c1": 1, "c2": 2}
+    assert m["clean_given_attack_label"] == {"c1": 0.5, "c2": 1 / 3} and m["clean_given_attack_label_all"] == 0.4
+    assert (m["clean_flagged"], m["clean_flagged_right_before"], m["clean_flagged_right_after"]) == (2, 1, 0)
+    del triggered["repaired.label"]  # a bundle without the repaired model: not applicable, not 0
+    assert (
+        misses(Outcome(clean, triggered, labels, trig, []), labels, attack, names)["attacker_wins_repaired_agrees"]
+        is None
+    )
