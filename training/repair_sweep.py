@@ -34,7 +34,7 @@ from training.common import predict, table_head, to_jsonable, write_report
 from training.metrics import rate
 from training.pipeline import Builder
 from training.repair import RepairConfig
-from training.suite import SUITE, config_of, train
+from training.suite import SELECTION_START, SUITE, config_of, selection, train, which_test_images
 
 log = logging.getLogger(__name__)
 BAR = 0.01  # the issue's: the repaired model's clean accuracy >= the original's - 1 point
@@ -76,11 +76,12 @@ def measure(model: torch.nn.Module, clean: np.ndarray, labels: np.ndarray, trigg
 def sweep_entry(name: str, candidates: dict[str, RepairConfig], models: Path, n_images: int) -> dict[str, Any]:
     builder, classifier, reversed_triggers = entry_builder(name, models)
     ds, attack = builder.dataset, builder.config.attack_config
-    images, labels = ds.test.images[:n_images], ds.test.labels[:n_images]
+    part = selection(n_images, len(ds.test.labels))  # not the images make evaluate reports on
+    images, labels = ds.test.images[part], ds.test.labels[part]
     idx = victims(labels, attack)
     triggered = to_model_input(triggered_pixels(images[idx], attack, builder.contract), builder.contract)
     wanted = attack_labels(labels[idx], attack, builder.num_classes) if attack.poison_rate > 0 else None
-    clean = builder.x_test[:n_images]
+    clean = builder.x_test[part]
     args = (clean, labels, triggered, labels[idx], wanted)
     out: dict[str, Any] = {"arch": SUITE[name].arch, "original": measure(builder.load_classifier(classifier), *args)}
     for label, config in candidates.items():
@@ -116,6 +117,7 @@ def run(models: Path, n_images: int, names: list[str], adversarial: bool) -> dic
     entries = {name: sweep_entry(name, candidates, models, n_images) for name in names}
     return {
         "images": n_images,
+        "first_image": SELECTION_START,
         "candidates": {k: to_jsonable(v) for k, v in candidates.items()},
         "attacks": entries,
         "summary": summarise(entries, list(candidates)),
@@ -134,7 +136,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"Made by `{r['command']}` ({r['seconds'] / 60:.1f} min). Each candidate repairs the suite's cached model "
         "(the shipped one for kwon) from the calibration split's repair share only, with Neural Cleanse's reversed "
-        f"triggers; measured on the first {r['images']} test images and their triggered victims. A candidate "
+        f"triggers; measured on {which_test_images(r)} and their triggered victims. A candidate "
         "differs from the default RepairConfig (training/repair.py) only in:",
         "",
     ]
@@ -181,7 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m training.repair_sweep", description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=5000, help="test images per attack (the suite's 5,000)")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=5000,
+        help="test images per attack, from test image 5000 on (training.suite.SELECTION_START)",
+    )
     p.add_argument("--attacks", default=",".join(SUITE), help="comma-separated suite entries (default: all)")
     p.add_argument("--adversarial", action="store_true", help="also weigh adversarial unlearning (about 5x slower)")
     p.add_argument("--models", type=Path, default=Path("models"), help="the shipped bundle (the kwon entry)")

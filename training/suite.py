@@ -35,6 +35,26 @@ from training.pipeline import DERIVED_MODELS, BuildConfig, Builder, signal_param
 
 log = logging.getLogger(__name__)
 EVAL_ROOT = Path("build/eval")
+# The test set in two halves. What is chosen with the attacks' true triggers (the signals a bundle runs and STRIP's N:
+# make cost; the repair recipe: make repair-sweep) is chosen on the images from SELECTION_START on; make evaluate's
+# attack suite reports on the images before it, which none of those choices saw.
+SELECTION_START = 5000
+
+
+def selection(n: int, total: int) -> slice:
+    """The first n test images of the half the choices are made on (of `total` test images)."""
+    if SELECTION_START + n > total:
+        raise ValueError(f"{n} selection images from test image {SELECTION_START} on: the test set has {total}")
+    return slice(SELECTION_START, SELECTION_START + n)
+
+
+def which_test_images(report: dict[str, Any]) -> str:
+    """Which test images a report's `images` (and `first_image`, 0 in reports before it) were, in words."""
+    first = int(report.get("first_image", 0))
+    held = " (the half make evaluate does not report on)" if first >= SELECTION_START else ""
+    return f"test images {first} to {first + int(report['images']) - 1}{held}"
+
+
 SUITE_EPOCHS = 10  # the suite's models: 10 epochs (the shipped one: 15); each keeps > 89% clean accuracy
 
 
@@ -290,22 +310,31 @@ def measure(
     }
     sent_idx = victims(labels[:n_sent], attack)
     contract = bundle.preprocessing
-    for variant in AS_SENT:
-        clean_x = to_model_input(as_sent(pixels[:n_sent], variant, contract))
-        trig_x = to_model_input(as_sent(trig_pixels[: len(sent_idx)], variant, contract))
-        v = outcome_of(
-            bundle, clean_x, labels[:n_sent], TriggeredSet(trig_x, labels[sent_idx], wanted[: len(sent_idx)])
-        )
+
+    def sent(variant: str | None) -> dict[str, Any]:
+        """The first n_sent images and their victims as `variant` sends them (None: unaltered)."""
+        clean_p, trig_p = pixels[:n_sent], trig_pixels[: len(sent_idx)]
+        if variant is not None:
+            clean_p, trig_p = as_sent(clean_p, variant, contract), as_sent(trig_p, variant, contract)
+        triggered = TriggeredSet(to_model_input(trig_p), labels[sent_idx], wanted[: len(sent_idx)])
+        v = outcome_of(bundle, to_model_input(clean_p), labels[:n_sent], triggered)
         vm = metrics_of(v)
-        out["as_sent"][variant] = {
+        row = {
             "tpr": vm["fused"]["tpr"], "fpr": vm["fused"]["fpr"],
             "attack_success_after": vm["fused"]["attack_success_after"],
             "clean_accuracy_guarded": vm["fused"]["clean_accuracy"],
             "attack_success": vm["classifier"]["attack_success"],
             "signals_tpr": {k: vm[k]["tpr"] for k in v.signals},
         }  # fmt: skip
-        log.info("%s as %s: %s", name, variant, {k: round(x, 4) for k, x in out["as_sent"][variant].items()
-                                                 if isinstance(x, float)})  # fmt: skip
+        log.info("%s as %s: %s", name, variant or "is", {k: round(x, 4) for k, x in row.items()
+                                                         if isinstance(x, float)})  # fmt: skip
+        return row
+
+    # What each variant is compared with: the same images as they are (the figures above are on all the test images,
+    # whose difference from these is sampling, not sending)
+    out["as_sent_baseline"] = sent(None)
+    for variant in AS_SENT:
+        out["as_sent"][variant] = sent(variant)
     log.info("%s: fused %s, attack success after %.4f", name, out["fused"], out["attack_success_after"])
     return out
 
@@ -315,6 +344,8 @@ def bars(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, a in report["attacks"].items():
         sent = a["as_sent"].values()
+        # the same images unaltered (reports before it: the figures on all the test images)
+        base = a.get("as_sent_baseline") or {**a["fused"], "attack_success_after": a["attack_success_after"]}
         worst_sent = {
             "tpr": min(v["tpr"] for v in sent),
             "fpr": max(v["fpr"] for v in sent),
@@ -326,9 +357,9 @@ def bars(report: dict[str, Any]) -> list[dict[str, Any]]:
             "fpr<=2%": a["fused"]["fpr"] <= 0.02,
             "asr_after<=2%": a["attack_success_after"] <= 0.02,
             "clean_acc>=undefended-1pt": a["clean_accuracy_guarded"] >= a["clean_accuracy"] - 0.01,
-            "as_sent_within_5pt": (worst_sent["tpr"] >= a["fused"]["tpr"] - 0.05
-                                   and worst_sent["fpr"] <= a["fused"]["fpr"] + 0.05
-                                   and worst_sent["attack_success_after"] <= a["attack_success_after"] + 0.05),
+            "as_sent_within_5pt": (worst_sent["tpr"] >= base["tpr"] - 0.05
+                                   and worst_sent["fpr"] <= base["fpr"] + 0.05
+                                   and worst_sent["attack_success_after"] <= base["attack_success_after"] + 0.05),
             # the repaired model on its own (None: the bundle has none)
             "repaired_acc>=original-1pt": (repaired["clean_accuracy"] >= a["clean_accuracy"] - 0.01
                                            if (repaired := a.get("label_sources", {}).get("repaired")) else None),
@@ -401,6 +432,7 @@ def run_suite(shipped: Path, pixels: np.ndarray, labels: np.ndarray, n_sent: int
                 "fpr": rate(np.concatenate([r.backdoor for r in runs])),
                 "nc_flagged": nc["flagged_labels"],
                 "nc_anomaly_index": nc["anomaly_index"],
+                "nc_l1_norms": nc["l1_norms"],
                 "clean_accuracy": rate(np.concatenate([r.original.labels for r in runs]) == labels),
                 "clean_accuracy_guarded": rate(np.concatenate([r.labels for r in runs]) == labels),
                 "images": len(labels),

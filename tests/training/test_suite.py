@@ -4,12 +4,25 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from service.preprocess import Preprocessing
 from training.attacks import PRESETS
 from training.classifier import ARCHS
 from training.metrics import Outcome, TriggeredSet
-from training.suite import ADDED_LATER, AS_SENT, SUITE, as_sent, bars, config_of, misses, stage_key
+from training.suite import (
+    ADDED_LATER,
+    AS_SENT,
+    SELECTION_START,
+    SUITE,
+    as_sent,
+    bars,
+    config_of,
+    misses,
+    selection,
+    stage_key,
+    which_test_images,
+)
 
 
 def test_suite_covers_every_family_on_every_architecture() -> None:
@@ -106,3 +119,20 @@ def test_misses_counts_where_the_attacker_still_wins_and_what_flagged_clean_imag
         misses(Outcome(clean, triggered, labels, trig, []), labels, attack, names)["attacker_wins_repaired_agrees"]
         is None
     )
+
+
+def test_as_sent_is_held_to_the_same_images_unaltered() -> None:
+    sent = {v: {"tpr": 0.86, "fpr": 0.01, "attack_success_after": 0.02} for v in AS_SENT}
+    entry = {"fused": {"tpr": 0.99, "fpr": 0.01}, "attack_success_after": 0.01, "clean_accuracy": 0.9,
+             "clean_accuracy_guarded": 0.895, "as_sent": sent}  # fmt: skip
+    assert not bars({"attacks": {"a": entry}})[0]["as_sent_within_5pt"]  # 13 points under all the test images
+    entry["as_sent_baseline"] = {"tpr": 0.90, "fpr": 0.01, "attack_success_after": 0.015}
+    assert bars({"attacks": {"a": entry}})[0]["as_sent_within_5pt"]  # 4 under the same 1000 images as they are
+
+
+def test_choices_are_made_on_the_half_of_the_test_set_the_suite_does_not_report_on() -> None:
+    assert selection(5000, 10000) == slice(SELECTION_START, SELECTION_START + 5000)
+    with pytest.raises(ValueError, match="the test set has 10000"):
+        selection(5001, 10000)
+    assert which_test_images({"images": 5000, "first_image": SELECTION_START}).endswith("does not report on)")
+    assert which_test_images({"images": 2000}) == "test images 0 to 1999"  # a report from before the split
