@@ -201,9 +201,11 @@ def trusted_labels(
     rows = np.arange(len(backdoor))
     probs = source.probs.copy()
     probs[rows, original.labels] = -1.0
+    suspect = probs.argmax(axis=1)  # never the original label, whatever else is excluded
     if infected:
         probs[:, list(infected)] = -1.0
-    suspect = probs.argmax(axis=1)
+        # where the infected labels and the original leave no label at all, the best other than the original
+        suspect = np.where(probs.max(axis=1) >= 0, probs.argmax(axis=1), suspect)
     labels = np.where(backdoor, suspect, original.labels)
     confidence = np.where(backdoor, source.probs[rows, suspect], original.confidence)
     return labels, confidence

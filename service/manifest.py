@@ -147,12 +147,14 @@ def keys(*names: str, optional: tuple[str, ...] = ()) -> Check:
     return check
 
 
-def items(each: Check, *, nonempty: bool = False, distinct: bool = False) -> Check:
-    """A list whose every item passes `each`."""
+def items(each: Check, *, nonempty: bool = False, distinct: bool = False, most: int | None = None) -> Check:
+    """A list whose every item passes `each` (and at most `most` of them)."""
 
     def check(v: Any) -> str | None:
         if not isinstance(v, list) or (nonempty and not v):
             return f"{show(v)}, must be a {'non-empty ' if nonempty else ''}list"
+        if most is not None and len(v) > most:
+            return f"{len(v)} items, must be at most {most}"
         for i, item in enumerate(v):
             if problem := each(item):
                 return f"[{i}] = {problem}"
@@ -199,6 +201,22 @@ def series(each: Check, *, strict: bool, length: int | None = None) -> Check:
         return None
 
     return check
+
+
+# A fusion tail's scale (the mean excess of clean scores over the table's last quantile) at most this many times the
+# largest magnitude in the table (and at least 1, for tables of tiny scores). The bundles make evaluate builds stay
+# under 30 times their table's span; a scale like 1e300 describes no clean scores, and it would keep every image's
+# surprise from that signal near -ln(1 - levels[-1]). A sanity bound on unbounded scores only: for signals whose
+# scores are bounded, `_reachable` checks exactly that the fused threshold can be passed.
+TAIL_REACH = 1e4
+
+
+def tail_scale(quantiles: Any) -> Check:
+    """The exponential tail's scale of a signal: > 0, and within TAIL_REACH of its table's magnitude."""
+    if not isinstance(quantiles, list) or not quantiles or not all(_is_real(q) for q in quantiles):
+        return real(0, open_lo=True)  # the table's own check reports it
+    magnitude = max(1.0, *(abs(float(q)) for q in (quantiles[0], quantiles[-1])))
+    return real(0, TAIL_REACH * magnitude, open_lo=True)
 
 
 def neurons(classes: int, width: int) -> Check:
@@ -334,7 +352,8 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         ),
         ("configs.strip.n", integer(1, len(bank))),
         ("configs.strip.blend", one_of(*BLENDS)),
-        ("neural_cleanse.flagged_labels", items(integer(0, classes - 1), distinct=True)),
+        # A scan that finds all labels but one (or all) infected describes no model: the label policy needs two free
+        ("neural_cleanse.flagged_labels", items(integer(0, classes - 1), distinct=True, most=max(0, classes - 2))),
         ("neural_cleanse.activation_neurons", neurons(classes, width)),
     ]
     from service.guard import RULES
@@ -354,7 +373,8 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         levels = _at(manifest, "thresholds.fused.levels")
         rules += [
             ("thresholds.target_fpr", real(0, 1, open_lo=True, open_hi=True)),
-            ("thresholds.fused.threshold", real(0, 1)),  # a clean percentile
+            # a clean percentile; fused scores lie in [0, 1], so at 1 nothing could ever be flagged
+            ("thresholds.fused.threshold", real(0, 1, open_hi=True)),
             ("thresholds.fused.levels", series(real(0, 1, open_hi=True), strict=True)),
             ("thresholds.fused.quantiles", keys(*names)),
             ("thresholds.fused.tail_scale", keys(*names)),
@@ -374,8 +394,11 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
             if (bounds := REGISTRY[name].threshold_bounds(classes, _params(manifest, name))) is not None:
                 rules.append((f"thresholds.{name}.threshold", real(*bounds)))
         length = len(levels) if isinstance(levels, list) else None
-        rules += [(f"thresholds.fused.quantiles.{s}", series(real(), strict=False, length=length)) for s in names]
-        rules += [(f"thresholds.fused.tail_scale.{s}", real(0, open_lo=True)) for s in names]
+        for name in names:  # a signal's clean quantiles are its scores, in the range its scores can take
+            scores = real(*REGISTRY[name].score_bounds(classes, _params(manifest, name)))
+            rules.append((f"thresholds.fused.quantiles.{name}", series(scores, strict=False, length=length)))
+            table = _at(manifest, f"thresholds.fused.quantiles.{name}")
+            rules.append((f"thresholds.fused.tail_scale.{name}", tail_scale(table)))
     problems = _io_problems(manifest, models, chw)
     for name in names:  # each signal's own parameters, and those its threshold was fitted with
         if isinstance(manifest.get("signals"), dict) and not isinstance(manifest["signals"][name], dict):
@@ -388,5 +411,26 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         if problem := "missing" if value is _MISSING else check(value):
             problems.append(f"{where}: {problem}")
     problems += _bank_problems(bank, chw, manifest["files"]["strip_bank"].get("shape"))
+    if not problems and "thresholds" in manifest:
+        problems += _reachable(manifest, names, classes)
     if problems:
         raise BundleError(f"{MANIFEST} has values the guard cannot trust: " + "; ".join(problems))
+
+
+def _reachable(manifest: Mapping[str, Any], names: list[str], classes: int) -> list[str]:
+    """The fused threshold must be one some image could exceed: when every signal's score is bounded above, the
+    surprise of all of them at their highest (summed under fisher, the largest under max) must pass it."""
+    from service.guard import Fusion, fused_surprise
+    from service.signals import REGISTRY
+
+    fusion = Fusion.from_manifest(manifest["thresholds"]["fused"])
+    tops = [REGISTRY[n].score_bounds(classes, _params(manifest, n))[1] for n in names]
+    if any(math.isinf(top) for top in tops):
+        return []  # an unbounded score reaches any threshold (tail_scale keeps the tail within reach)
+    most = [float(fusion.surprise(n, np.array([top]))[0]) for n, top in zip(names, tops, strict=True)]
+    reach = max(most) if fusion.rule == "max" else sum(most)
+    need = float(fused_surprise(fusion.threshold))
+    if reach > need:
+        return []
+    return [f"thresholds.fused.threshold: {fusion.threshold!r} cannot be exceeded: every signal at its highest score "
+            f"adds up to a surprise of {reach:.3g}, the threshold needs more than {need:.3g}"]  # fmt: skip

@@ -39,7 +39,10 @@ class Settings(BaseSettings):
         "same verdicts; its STRIP entropy is then the mean over the overlays it ran, `overlays` in the evidence)",
     )
     fused_threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="override the bundle's fused-verdict threshold (a clean percentile)"
+        None,
+        ge=0.0,
+        lt=1.0,  # fused scores lie in [0, 1]: at 1 nothing could ever be flagged
+        description="override the bundle's fused-verdict threshold (a clean percentile, below 1)",
     )
     avoid_infected_labels: bool = Field(
         True, description="never give a suspected image a label Neural Cleanse flagged as infected"

@@ -125,6 +125,11 @@ class Signal(ABC):
         of the signal); None: the signal has none."""
         return (-np.inf, np.inf)
 
+    @classmethod
+    def score_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float]:
+        """The range its scores lie in (manifest validation of its fusion table): by default its threshold's."""
+        return cls.threshold_bounds(classes, params) or (-np.inf, np.inf)
+
     def calibrated_with(self) -> dict[str, Any]:
         """The parameters its scores depend on, recorded beside its threshold by calibration."""
         return {}

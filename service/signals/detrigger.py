@@ -45,3 +45,7 @@ class DetriggerSignal(Signal):
     @classmethod
     def threshold_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
         return None
+
+    @classmethod
+    def score_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float]:
+        return (-1.0, 1.0)  # a drop in probability

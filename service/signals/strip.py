@@ -118,5 +118,9 @@ class StripSignal(Signal):
         # put its 1% point there, and the signal then never fires on its own (fusion still uses it).
         return (-np.inf, float(np.log2(classes)))
 
+    @classmethod
+    def score_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float]:
+        return (-float(np.log2(classes)) - 1e-6, 0.0)  # minus a mean entropy in bits (and a float32 rounding)
+
     def report(self, result: SignalResult, i: int) -> dict[str, Any]:
         return {**super().report(result, i), "n": self.n}

@@ -87,6 +87,7 @@ BAD_EDITS = [
     ("thresholds.fused.threshold", NAN, "thresholds.fused.threshold"),
     ("thresholds.fused.threshold", INF, "thresholds.fused.threshold"),
     ("thresholds.fused.threshold", 1.5, "thresholds.fused.threshold"),
+    ("thresholds.fused.threshold", 1.0, "thresholds.fused.threshold"),  # no fused score in [0, 1] passes it
     ("thresholds.fused.threshold", -0.1, "thresholds.fused.threshold"),
     ("thresholds.expert.threshold", NAN, "thresholds.expert.threshold"),
     ("thresholds.expert.threshold", 0.5, "thresholds.expert.threshold"),  # a log-probability: <= 0
@@ -101,6 +102,10 @@ BAD_EDITS = [
     ("thresholds.fused.quantiles.mahalanobis.3", NAN, "thresholds.fused.quantiles.mahalanobis[3]"),
     ("thresholds.fused.quantiles", {k: FUSED["quantiles"][k] for k in ("detrigger", "expert")}, "fused.quantiles"),
     ("thresholds.fused.tail_scale.expert", -0.2, "thresholds.fused.tail_scale.expert"),
+    ("thresholds.fused.tail_scale.mahalanobis", 1e300, "thresholds.fused.tail_scale.mahalanobis"),
+    ("thresholds.fused.quantiles.expert.90", 0.5, "thresholds.fused.quantiles.expert"),  # a log-probability: <= 0
+    ("thresholds.fused.quantiles.repaired.0", -1.0, "thresholds.fused.quantiles.repaired"),  # a divergence: >= 0
+    ("thresholds.fused.quantiles.detrigger.90", 1.5, "thresholds.fused.quantiles.detrigger"),  # a drop: <= 1
     ("thresholds.fused.rule", "mean", "thresholds.fused.rule"),
     ("thresholds.fused.tail_scale.activation", 0, "thresholds.fused.tail_scale.activation"),
     ("class_names", SHIPPED["class_names"][:9], "class_names"),
@@ -117,6 +122,7 @@ BAD_EDITS = [
     ("neural_cleanse.activation_neurons.0", [], "neural_cleanse.activation_neurons"),
     ("neural_cleanse.activation_neurons", {"10": [155]}, "neural_cleanse.activation_neurons"),
     ("neural_cleanse.flagged_labels", [10], "neural_cleanse.flagged_labels"),
+    ("neural_cleanse.flagged_labels", list(range(1, 10)), "neural_cleanse.flagged_labels"),  # no label left to give
     ("preprocessing.height", 32, "preprocessing.height"),  # the ONNX models take 28
     ("preprocessing.color", "RGB", "preprocessing.color"),
     ("preprocessing.resample", "smooth", "preprocessing.resample"),
@@ -166,6 +172,24 @@ def test_a_bad_manifest_value_is_refused_with_one_line_naming_it(
     Bundle.load(bundle)  # the untouched copy loads
     put(bundle, where, value)
     assert field in refusal(bundle)
+
+
+def test_a_fused_threshold_no_image_could_pass_is_refused(bundle: Path) -> None:
+    """With only bounded signals (a drop in probability, a log-probability), tails so wide that both at their
+    highest score fall short of the threshold's surprise: every image would be clean."""
+    kept = ("detrigger", "expert")
+    put(bundle, "signals", {name: {} for name in kept})
+    put(bundle, "thresholds.fused.quantiles", {name: FUSED["quantiles"][name] for name in kept})
+    put(bundle, "thresholds.fused.tail_scale", {name: FUSED["tail_scale"][name] for name in kept})
+    put(bundle, "thresholds.label_source.source", "restored")  # no repaired signal to take labels from
+    Bundle.load(bundle)  # as calibrated, the two can pass it
+    put(bundle, "thresholds.fused.tail_scale", {name: 1e3 for name in kept})
+    assert "thresholds.fused.threshold" in (message := refusal(bundle)) and "cannot be exceeded" in message
+
+
+def test_a_fused_threshold_override_of_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="fused_threshold"):
+        Settings(fused_threshold=1.0)
 
 
 @pytest.mark.data

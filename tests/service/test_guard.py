@@ -157,6 +157,9 @@ def test_a_suspected_image_never_gets_an_infected_label() -> None:
     # with nothing infected a suspect still never keeps its original label (the attacker's, if the trigger worked)
     plain, _ = trusted_labels(original, restored, backdoor, infected=[])
     np.testing.assert_array_equal(plain, [1, 0, 0])
+    # where the original and the infected labels leave nothing, still never the original: the best of the others
+    cornered, _ = trusted_labels(original, restored, backdoor, infected=[1, 2])
+    np.testing.assert_array_equal(cornered, [1, 0, 0])
 
 
 def test_a_batch_run_in_chunks_equals_the_batch_run_whole() -> None:
