@@ -36,7 +36,7 @@ OUTPUTS = {
     "score": ("FP64", "the fused score, in [0, 1]"),
     "original_label": ("INT64", "what the model says of the image as sent"),
     "restored_label": ("INT64", "what the model says of the de-triggered image"),
-    "repaired_label": ("INT64", "what the repaired model says (bundles with one)"),
+    "repaired_label": ("INT64", "what the repaired model says (bundles that run the repaired signal)"),
 }
 PLAIN_OUTPUTS = ("label", "confidence", "original_label")
 SIGNAL_SUFFIX = "_score"
@@ -174,11 +174,12 @@ def _outputs(request: dict[str, Any], known: set[str]) -> list[tuple[str, bool]]
         raise _fail("outputs must be a list of objects")
     out = []
     for o in asked:
-        name = o.get("name")
-        if name not in known:
+        name, parameters = o.get("name"), o.get("parameters") or {}
+        if not isinstance(name, str) or name not in known:
             raise _fail(f"no output {name!r}; this model gives {sorted(known, key=output_order)}")
-        binary = ((o.get("parameters") or {}).get("binary_data", all_binary)) is True
-        out.append((name, binary))
+        if not isinstance(parameters, dict):
+            raise _fail(f"output {name!r}: parameters must be an object")
+        out.append((name, parameters.get("binary_data", all_binary) is True))
     return out
 
 
@@ -191,11 +192,12 @@ def datatype_of(name: str) -> str:
     return OUTPUTS[name][0] if name in OUTPUTS else "FP64"  # <signal>_score
 
 
-def output_names(signals: list[str], repaired: bool, guarded: bool) -> set[str]:
-    """The outputs a bundle answers: OUTPUTS (repaired_label with a repaired model) and a score per signal."""
+def output_names(signals: list[str], guarded: bool) -> set[str]:
+    """The outputs a bundle answers: OUTPUTS and a score per signal. repaired_label only where the repaired signal
+    runs: the guard runs the repaired model for it, not because the bundle holds the file (GuardResult.repaired)."""
     if not guarded:
         return set(PLAIN_OUTPUTS)
-    names = {n for n in OUTPUTS if n != "repaired_label" or repaired}
+    names = {n for n in OUTPUTS if n != "repaired_label" or "repaired" in signals}
     return names | {s + SIGNAL_SUFFIX for s in signals}
 
 

@@ -47,7 +47,8 @@ class ImageResult(BaseModel):
         None, description="the repaired classifier on the image as sent (bundles built with the repair stage)"
     )
     label_source: str = Field(
-        description="where `label` comes from: original (not flagged), repaired or restored (flagged)"
+        description="where `label` comes from: original (not flagged); for a flagged image the bundle's label "
+        "source: restored, repaired, or both (their predictions averaged)"
     )
     signals: dict[str, dict[str, Any]] = Field(
         description="each signal's own verdict (`triggered`), its evidence, threshold and clean percentile",

@@ -118,12 +118,18 @@ class _Collector:
         self.ended = True
 
 
+MAX_BOUNDARY = 70  # characters of a multipart boundary (RFC 2046 section 5.1.1)
+
+
 def boundary_of(content_type: str) -> bytes:
     """The multipart boundary, or a typed 4xx."""
     kind, options = parse_options_header(content_type)
     if kind != b"multipart/form-data" or not options.get(b"boundary"):
         raise MalformedRequest("a multipart/form-data Content-Type needs a boundary parameter")
-    return options[b"boundary"]
+    boundary = options[b"boundary"]
+    if len(boundary) > MAX_BOUNDARY:  # RFC 2046; python-multipart itself refuses past 256, as a bare ValueError
+        raise MalformedRequest(f"the multipart boundary is {len(boundary)} characters long, at most {MAX_BOUNDARY}")
+    return boundary
 
 
 def check_declared_length(content_length: str | None, limits: UploadLimits) -> None:

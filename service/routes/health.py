@@ -59,7 +59,7 @@ def _served_thresholds(runtime: RuntimeDep) -> dict[str, Any]:
 def oip_outputs(runtime: Runtime) -> set[str]:
     """The tensors /v2/models/{name}/infer answers with, for this bundle and setting."""
     signals = [s.name for s in runtime.pipeline.signals] if runtime.guarded else []
-    return oip.output_names(signals, "repaired_classifier" in runtime.bundle.sessions, runtime.guarded)
+    return oip.output_names(signals, runtime.guarded)
 
 
 @router.get(

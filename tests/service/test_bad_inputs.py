@@ -101,6 +101,7 @@ CASES: list[Case] = [
     ("urlencoded", lambda: raw(b"files=abc", "application/x-www-form-urlencoded"), 415, "unsupported_media_type"),
     ("multipart without boundary", lambda: raw(body(png_bytes()), "multipart/form-data"), 400, "bad_request"),
     ("wrong boundary", lambda: raw(body(png_bytes()), "multipart/form-data; boundary=other"), 400, "bad_request"),
+    ("300-character boundary", lambda: raw(b"x", "multipart/form-data; boundary=" + "a" * 300), 400, "bad_request"),
     ("no closing boundary", lambda: raw(body(png_bytes())[:-20]), 400, "bad_request"),
     ("empty body", lambda: raw(b""), 400, "bad_request"),
     ("garbage body", lambda: raw(b"\x00\xff" * 500), 400, "bad_request"),

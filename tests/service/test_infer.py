@@ -1,7 +1,9 @@
 """POST /v2/models/{name}/infer: the Open Inference Protocol, driven by Triton's own client and by hand."""
 
 import json
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +107,11 @@ BAD = [
     ({"inputs": [{"name": "images", "shape": [65, 1, 28, 28], "datatype": "UINT8", "data": [0] * 65 * 784}]}, 413,
      "at most 64"),
     ({"inputs": [tensor(np.zeros((1, 1, 28, 28), np.float32))], "outputs": [{"name": "logits"}]}, 400, "no output"),
+    ({"inputs": [tensor(np.zeros((1, 1, 28, 28), np.float32))], "outputs": [{"name": ["label"]}]}, 400,
+     "no output ['label']"),
+    ({"inputs": [tensor(np.zeros((1, 1, 28, 28), np.float32))], "outputs": [{"name": {}}]}, 400, "no output {}"),
+    ({"inputs": [tensor(np.zeros((1, 1, 28, 28), np.float32))], "outputs": [{"name": "label", "parameters": [1]}]},
+     400, "parameters must be an object"),
 ]  # fmt: skip
 
 
@@ -186,3 +193,27 @@ def test_kserves_rest_client_gets_the_same_answers(live: LiveService, client: Te
     backdoor = response.get_output_by_name("backdoor").as_numpy()  # type: ignore[attr-defined]
     assert label.tolist() == [r["label"] for r in answers]
     assert backdoor.tolist() == [r["backdoor"] for r in answers]
+
+
+def test_a_bundle_holding_the_repaired_model_without_its_signal_answers_without_repaired_label(
+    batch: tuple, tmp_path: Path
+) -> None:
+    """The repaired model runs for the repaired signal, not because its file is in the bundle: a bundle that lists
+    the file and runs a subset of signals without it must not advertise an output it cannot give (it was a 500)."""
+    copy = tmp_path / "models"
+    shutil.copytree(MODELS, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["signals"]["repaired"]
+    fused = manifest["thresholds"]["fused"]
+    for table in ("quantiles", "tail_scale"):
+        del fused[table]["repaired"]
+    manifest["thresholds"]["label_source"]["source"] = "restored"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    x = to_model_input(batch[0][:2])
+    with TestClient(create_app(Settings(models_dir=copy))) as c:
+        wait_ready(c)
+        answered = c.post(INFER, json={"inputs": [tensor(x)]})
+        listed = {o["name"] for o in c.get(f"/v2/models/{NAME}").json()["outputs"]}
+    assert answered.status_code == 200, answered.text
+    assert "repaired_label" not in outputs(answered.json()) and "repaired_label" not in listed
+    assert "repaired_score" not in listed and "label" in listed
