@@ -10,6 +10,7 @@ the event loop free, so /v2/health/live answers while the largest allowed images
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -83,8 +84,15 @@ class Decoder:
         if header.pixels <= INLINE_DECODE_PIXELS:
             return decode_pixels(header, index, self.contract)
         async with self.budget.take(header.pixels):
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, decode_pixels, header, index, self.contract)
+            work = asyncio.get_running_loop().run_in_executor(self._pool, decode_pixels, header, index, self.contract)
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # A thread cannot be stopped: its pixels stay taken until it is done, or the budget would let more
+                # decode at once than GUARD_DECODE_BUDGET_PIXELS (a sibling file failing cancels this one).
+                with contextlib.suppress(BaseException):
+                    await work
+                raise
 
     async def decode(self, headers: list[Header]) -> np.ndarray:
         """float32 (N, 1, H, W) model input; the first failing file's error is raised."""

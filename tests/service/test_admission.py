@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from service.admission import PixelBudget
+from service.preprocess import Preprocessing
 from service.settings import Settings
 from tests.conftest import MODELS
 from tests.service.asgi import CONTENT_TYPE, chunks_of, exchange, multipart, part_head, running
@@ -149,3 +150,31 @@ def test_the_pixel_budget_is_first_come_first_served_and_never_exceeded() -> Non
     order, peak, used = run(scenario())
     assert order == ["a", "b", "c"]  # c (10) fits beside a (60) but waits its turn behind b
     assert peak <= 100 and used == 0
+
+
+def test_a_cancelled_decode_holds_its_pixels_until_its_thread_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One bad file fails its request and cancels its siblings; a sibling's thread keeps decoding, so its share of
+    the budget must stay taken until the thread ends, not be handed to the next request at once."""
+    from service import admission
+    from service.decode import Header
+
+    def slow(header: Header, index: int, contract: object) -> np.ndarray:
+        time.sleep(0.3)
+        return np.zeros((28, 28), np.uint8)
+
+    monkeypatch.setattr(admission, "decode_pixels", slow)
+    decoder = admission.Decoder(Preprocessing(), max_pixels=10**6, budget_pixels=10**6, threads=2)
+    big = Header(image=None, pixels=10**6, label="file 0")  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[int, int]:
+        task = asyncio.ensure_future(decoder._one(big, 0))
+        await asyncio.sleep(0.05)  # in its thread, holding the whole budget
+        task.cancel()
+        await asyncio.sleep(0.05)
+        held = decoder.budget.used  # cancelled, its thread still decoding
+        await asyncio.gather(task, return_exceptions=True)
+        return held, decoder.budget.used
+
+    held, after = run(scenario())
+    decoder.close()
+    assert held == 10**6 and after == 0
