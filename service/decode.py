@@ -69,6 +69,13 @@ ORIENTATIONS = {
 DRAFT_OVERSAMPLING = 16
 
 
+# Scans a JPEG may hold. Each scan of a progressive JPEG is another pass over every block of the image, so a small
+# file of thousands of scans costs seconds of CPU for a picture of a few thousand pixels (a "scan bomb"); encoders
+# write a few dozen at most (libjpeg's progressive script: 10 for colour, 6 for grey; its own djpeg -maxscans guards
+# against the same).
+MAX_JPEG_SCANS = 100
+
+
 @dataclass(frozen=True)
 class Header:
     """An upload whose header has been read and checked; the pixels are not decoded yet."""
@@ -105,6 +112,11 @@ def open_image(data: bytes, index: int, name: str | None, max_pixels: int) -> He
     if pixels > max_pixels:
         image.close()
         raise TooLarge(f"{label} is {image.width}x{image.height} = {pixels} pixels (limit {max_pixels})", index)
+    # An SOS marker cannot occur inside entropy-coded data (an 0xFF there is followed by 0x00 or a restart marker), so
+    # this counts the scans, plus any in an embedded thumbnail
+    if image.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        image.close()
+        raise TooLarge(f"{label} holds {scans} JPEG scans (limit {MAX_JPEG_SCANS}): too costly to decode safely", index)
     return Header(image, pixels, label)
 
 

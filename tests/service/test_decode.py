@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from service.decode import Header, decode, decode_pixels, open_image
+from service.decode import MAX_JPEG_SCANS, Header, decode, decode_pixels, open_image
 from service.errors import BadImage, GuardError, TooLarge
 from service.preprocess import Preprocessing, image_to_pixels
 
@@ -371,3 +371,23 @@ def test_bad_inputs_are_typed_errors_with_the_file_index(case: str) -> None:
         decode(data, 3, "upload.bin", CONTRACT, LIMIT)
     assert caught.value.status == (413 if error is TooLarge else 400)
     assert caught.value.file_index == 3 and "file 3 ('upload.bin')" in caught.value.message
+
+
+def progressive_jpeg(extra_scans: int) -> bytes:
+    """A 64 x 64 progressive JPEG, with its smallest scan repeated `extra_scans` more times (libjpeg decodes it:
+    each extra scan is one more pass over every block, the cost of a scan bomb)."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    scans = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data) - 2], strict=True)]
+    return data[: starts[0]] + b"".join(scans) + min(scans, key=len) * extra_scans + b"\xff\xd9"
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding() -> None:
+    ordinary = progressive_jpeg(0)
+    assert 1 < ordinary.count(b"\xff\xda") < MAX_JPEG_SCANS  # what encoders write
+    assert decode(ordinary, 0, "p.jpg", Preprocessing(), 1 << 20).shape == (28, 28)
+    with pytest.raises(TooLarge, match=f"JPEG scans \\(limit {MAX_JPEG_SCANS}\\)"):
+        open_image(progressive_jpeg(MAX_JPEG_SCANS), 0, "bomb.jpg", 1 << 20)
