@@ -352,6 +352,15 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         ),
         ("configs.strip.n", integer(1, len(bank))),
         ("configs.strip.blend", one_of(*BLENDS)),
+        *(  # the strip signal's own parameters, where its manifest entry sets them
+            (f"signals.strip.{key}", check)
+            for key, check in (
+                ("n", integer(1, len(bank))),
+                ("blend", one_of(*BLENDS)),
+                ("rounds", series(integer(1, len(bank)), strict=True)),
+            )
+            if _at(manifest, f"signals.strip.{key}") is not _MISSING
+        ),
         # A scan that finds all labels but one (or all) infected describes no model: the label policy needs two free
         ("neural_cleanse.flagged_labels", items(integer(0, classes - 1), distinct=True, most=max(0, classes - 2))),
         ("neural_cleanse.activation_neurons", neurons(classes, width)),
@@ -384,12 +393,17 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         if _at(manifest, "thresholds.label_source") is not _MISSING:  # bundles calibrated before it: "restored"
             sources = ("restored", "repaired", "both") if "repaired" in names else ("restored",)
             rules.append(("thresholds.label_source.source", one_of(*sources)))
-        if "strip" in names and _at(manifest, "thresholds.strip.n") is not _MISSING:
-            # STRIP's threshold and fusion table hold only at the N they were calibrated at
-            runs = _at(manifest, "signals.strip.n")
-            runs = _at(manifest, "configs.strip.n") if runs is _MISSING else runs
-            if _is_int(runs):
-                rules.append(("thresholds.strip.n", matches(runs, "the N the strip signal runs at")))
+        if "strip" in names:
+            # STRIP's threshold and fusion table hold only at the N and blend they were calibrated at: those recorded
+            # beside its threshold, or (bundles calibrated before they were) the calibration config's
+            for key in ("n", "blend"):
+                runs = _params(manifest, "strip").get(key, _at(manifest, f"configs.strip.{key}"))
+                fitted = f"thresholds.strip.{key}"
+                fitted = fitted if _at(manifest, fitted) is not _MISSING else f"configs.strip.{key}"
+                if key == "n" and _is_int(runs):  # else signals.strip.n's own check reports it
+                    rules.append((fitted, matches(runs, "the N the strip signal runs at")))
+                elif key == "blend" and runs in BLENDS:
+                    rules.append((fitted, one_of(runs)))
         for name in names:
             if (bounds := REGISTRY[name].threshold_bounds(classes, _params(manifest, name))) is not None:
                 rules.append((f"thresholds.{name}.threshold", real(*bounds)))

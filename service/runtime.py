@@ -33,6 +33,15 @@ def pipeline_for(settings: Settings, bundle: Bundle) -> GuardPipeline:
             f"GUARD_STRIP_N is set but {bundle.root} runs no strip signal (its manifest's `signals`): unset it, or "
             "serve a bundle calibrated with STRIP"
         )
+    calibrated_n = (
+        bundle.manifest.get("thresholds", {}).get("strip", {}).get("n", bundle.manifest["configs"]["strip"]["n"])
+    )
+    if settings.strip_n is not None and settings.strip_n != calibrated_n:
+        raise ValueError(
+            f"GUARD_STRIP_N={settings.strip_n}, but {bundle.root}'s STRIP was calibrated at N = {calibrated_n}: its "
+            "threshold and fusion table hold only there. Unset it, or calibrate at that N (python -m training "
+            f"calibrate --strip-n {settings.strip_n})"
+        )
     pipeline = build_pipeline(
         bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels,
         early_exit=settings.strip_early_exit,

@@ -61,3 +61,17 @@ class SqueezeSignal(Signal):
     @classmethod
     def threshold_bounds(cls, classes: int, params: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
         return (0.0, 2.0)  # an L1 distance between two probability vectors
+
+    def calibrated_with(self) -> dict[str, Any]:
+        return {"bits": self.bits, "median": self.median}  # its threshold and fusion table hold only for these
+
+    @classmethod
+    def parameter_problems(cls, params: Mapping[str, Any], calibrated: Mapping[str, Any] | None) -> list[str]:
+        problems = []
+        for key, lo, hi, default in (("bits", 1, 8, 3), ("median", 2, 28, 2)):
+            runs = params.get(key, default)
+            if not isinstance(runs, int) or isinstance(runs, bool) or not lo <= runs <= hi:
+                problems.append(f"signals.squeeze.{key}: {runs!r}, must be an integer in [{lo}, {hi}]")
+            elif calibrated is not None and key in calibrated and calibrated[key] != runs:
+                problems.append(f"thresholds.squeeze.{key}: calibrated at {calibrated[key]!r}, the signal runs {runs}")
+        return problems

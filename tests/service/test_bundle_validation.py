@@ -155,6 +155,12 @@ STRIP_EDITS = [
     ("thresholds.fused.quantiles.strip.3", NAN, "thresholds.fused.quantiles.strip[3]"),
     ("thresholds.strip.n", 12, "thresholds.strip.n"),  # calibrated at another N than the signal runs at
     ("signals.strip.n", 12, "thresholds.strip.n"),
+    ("signals.strip.n", 4.0, "signals.strip.n"),  # not an integer, though int() would make one
+    ("signals.strip.n", True, "signals.strip.n"),
+    ("signals.strip.n", "4", "signals.strip.n"),
+    ("signals.strip.blend", "mean", "thresholds.strip.blend"),  # calibrated with the sum
+    ("signals.strip.blend", "bogus", "signals.strip.blend"),
+    ("signals.strip.rounds", [2, 1], "signals.strip.rounds"),
 ]
 
 
@@ -406,3 +412,32 @@ def test_the_app_answers_500_not_a_clean_verdict_when_a_signal_fails() -> None:
         meta = client.get(f"/v2/models/{SHIPPED['name']}").json()
         assert meta["bundle_sha256"] == digest and meta["sha256"] == SHIPPED["files"]["classifier"]["sha256"]
         assert f'bundle_sha256="{digest}"' in client.get("/metrics").text
+
+
+@pytest.mark.data
+def test_strip_without_its_recorded_n_is_held_to_the_calibration_config(strip_copy: Path) -> None:
+    manifest = json.loads((strip_copy / "manifest.json").read_text())
+    del manifest["thresholds"]["strip"]["n"]  # a bundle calibrated before N was recorded beside the threshold
+    manifest["signals"]["strip"]["n"] = 1
+    (strip_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert "configs.strip.n" in refusal(strip_copy)
+
+
+@pytest.mark.data
+def test_guard_strip_n_other_than_the_calibrated_n_stops_the_start(strip_bundle: Bundle) -> None:
+    from service.runtime import pipeline_for
+
+    calibrated = strip_bundle.manifest["thresholds"]["strip"]["n"]
+    assert pipeline_for(Settings(strip_n=calibrated), strip_bundle).fusion is not None
+    with pytest.raises(ValueError, match=f"calibrated at N = {calibrated}"):
+        pipeline_for(Settings(strip_n=calibrated + 1), strip_bundle)
+
+
+def test_squeeze_parameters_are_integers_in_range_and_those_it_was_calibrated_with() -> None:
+    from service.signals.squeeze import SqueezeSignal
+
+    assert SqueezeSignal.parameter_problems({"bits": 3, "median": 2}, {"bits": 3, "median": 2}) == []
+    assert SqueezeSignal.parameter_problems({}, None) == []  # the defaults, before calibration
+    assert "signals.squeeze.bits" in SqueezeSignal.parameter_problems({"bits": 3.0}, None)[0]
+    assert "signals.squeeze.median" in SqueezeSignal.parameter_problems({"median": 1}, None)[0]
+    assert "calibrated at 4" in SqueezeSignal.parameter_problems({"bits": 3}, {"bits": 4})[0]
