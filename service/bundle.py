@@ -7,6 +7,7 @@ file's SHA-256, so the root digest covers the whole bundle, thresholds and fusio
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,9 +57,10 @@ def check_digest(digest: str, expected: str | None) -> None:
         )
 
 
-def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists exists under root and hashes to its recorded SHA-256."""
-    problems = []
+def verify_files(root: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Every file the manifest lists exists under root and hashes to its recorded SHA-256: name -> its bytes, read
+    once, so that what is loaded is what was hashed (a file swapped after the check cannot get in)."""
+    problems, verified = [], {}
     for name, entry in manifest.get("files", {}).items():
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or "sha256" not in entry:
             problems.append(f"files.{name}: {show(entry)}, must give the file's path and sha256")
@@ -66,10 +68,14 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
         path = root / entry["path"]
         if not path.is_file():
             problems.append(f"{name}: {path} is missing")
-        elif (digest := sha256_file(path)) != entry["sha256"]:
+            continue
+        data = path.read_bytes()
+        if (digest := hashlib.sha256(data).hexdigest()) != entry["sha256"]:
             problems.append(f"{name}: {path} has SHA-256 {digest}, manifest says {entry['sha256']}")
+        verified[name] = data
     if problems:
         raise BundleError("refusing to load an unverified bundle: " + "; ".join(problems))
+    return verified
 
 
 def providers(prefer_gpu: bool = True) -> list[str]:
@@ -90,6 +96,7 @@ class Bundle:
     sessions: dict[str, Any]  # name -> onnxruntime.InferenceSession
     strip_bank: np.ndarray  # float32 (M, C, H, W) clean calibration images
     digest: str  # the root digest: SHA-256 (hex) of manifest.json's bytes, which list every file's SHA-256
+    verified: dict[str, bytes]  # the manifest's files (name -> bytes) as hashed at load: read them from here
 
     @classmethod
     def load(cls, root: Path, threads: int = 0, prefer_gpu: bool = True, expected_digest: str | None = None) -> Bundle:
@@ -105,7 +112,7 @@ class Bundle:
         missing = [n for n in (*ONNX_MODELS, "strip_bank") if not isinstance(files, dict) or n not in files]
         if missing:
             raise BundleError(f"{root / MANIFEST} lists no {', '.join(missing)}")
-        verify_files(root, manifest)
+        verified = verify_files(root, manifest)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0 = ONNX Runtime's default (all cores)
         options.inter_op_num_threads = 1
@@ -114,16 +121,16 @@ class Bundle:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = providers(prefer_gpu)
         sessions = {
-            name: ort.InferenceSession(str(root / manifest["files"][name]["path"]), options, providers=chosen)
+            name: ort.InferenceSession(verified[name], options, providers=chosen)
             for name in (*ONNX_MODELS, *(m for m in OPTIONAL_MODELS if m in manifest["files"]))
         }
-        bank = np.load(root / manifest["files"]["strip_bank"]["path"])
+        bank = np.load(io.BytesIO(verified["strip_bank"]), allow_pickle=False)
         validate_manifest(manifest, {name: ModelIO.of(session) for name, session in sessions.items()}, bank)
         log.info(
             "bundle %s (root digest %s) verified; ONNX Runtime providers %s",
             root, digest, sessions["classifier"].get_providers(),
         )  # fmt: skip
-        return cls(root, manifest, sessions, bank.astype(np.float32), digest)
+        return cls(root, manifest, sessions, bank.astype(np.float32), digest, verified)
 
     @property
     def preprocessing(self) -> Preprocessing:

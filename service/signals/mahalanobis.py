@@ -13,6 +13,7 @@ file). No extra pass: the features come with the classifier's logits.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,7 +60,7 @@ class MahalanobisSignal(Signal):
     def from_bundle(cls, bundle: Bundle, params: Mapping[str, Any], threshold: float | None) -> MahalanobisSignal:
         from service.bundle import BundleError
 
-        with np.load(bundle.root / bundle.manifest["files"][cls.reference]["path"], allow_pickle=False) as z:
+        with np.load(io.BytesIO(bundle.verified[cls.reference]), allow_pickle=False) as z:  # the bytes hashed at load
             means, precision = z["means"], z["precision"]
         classes = len(bundle.class_names)
         width = next(o for o in bundle.sessions["classifier"].get_outputs() if o.name == "features").shape[1]

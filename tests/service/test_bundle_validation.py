@@ -441,3 +441,19 @@ def test_squeeze_parameters_are_integers_in_range_and_those_it_was_calibrated_wi
     assert "signals.squeeze.bits" in SqueezeSignal.parameter_problems({"bits": 3.0}, None)[0]
     assert "signals.squeeze.median" in SqueezeSignal.parameter_problems({"median": 1}, None)[0]
     assert "calibrated at 4" in SqueezeSignal.parameter_problems({"bits": 3}, {"bits": 4})[0]
+
+
+def test_a_file_swapped_after_the_check_is_not_what_the_guard_runs(bundle: Path) -> None:
+    """The files are read once, hashed and loaded from the same bytes: replacing one on disk after Bundle.load (the
+    service builds its pipeline later, in its lifespan) changes nothing the guard computes."""
+    loaded = Bundle.load(bundle)
+    x = SHIPPED_BANK[:4]
+    before = build_pipeline(loaded).run(x).signals["mahalanobis"].score
+    gaussian = bundle / SHIPPED["files"]["feature_gaussian"]["path"]
+    with np.load(gaussian) as z:
+        np.savez(gaussian, means=z["means"], precision=np.zeros_like(z["precision"]))  # a dead signal
+    np.save(bundle / SHIPPED["files"]["strip_bank"]["path"], np.zeros_like(SHIPPED_BANK))
+    after = build_pipeline(loaded)
+    np.testing.assert_array_equal(after.run(x).signals["mahalanobis"].score, before)
+    assert (before > 0).all() and loaded.strip_bank.any()
+    assert "feature_gaussian" in refusal(bundle)  # and a fresh load sees the swap
