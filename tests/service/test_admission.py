@@ -178,3 +178,27 @@ def test_a_cancelled_decode_holds_its_pixels_until_its_thread_is_done(monkeypatc
     held, after = run(scenario())
     decoder.close()
     assert held == 10**6 and after == 0
+
+
+def test_a_small_request_decodes_without_handing_the_loop_to_others() -> None:
+    """Small images decode in place: no task per file, so no other request runs in between (and the decode metric
+    times the decoding, not the event loop's queue)."""
+    from service import admission
+    from service.decode import open_image
+
+    decoder = admission.Decoder(Preprocessing(), max_pixels=10**6, budget_pixels=10**6, threads=1)
+    headers = decoder.headers(
+        [("a.png", png(np.zeros((28, 28), np.uint8))), ("b.png", png(np.ones((28, 28), np.uint8)))]
+    )
+    big = open_image(png(np.zeros((300, 300), np.uint8)), 0, "big.png", 10**6)
+
+    async def scenario(files: list) -> bool:
+        others: list[str] = []
+        asyncio.get_running_loop().call_soon(others.append, "another request")
+        x = await decoder.decode(files)
+        assert x.shape[0] == len(files)
+        return bool(others)
+
+    assert run(scenario(headers)) is False
+    assert run(scenario([big])) is True  # past the inline size: a thread, and the loop serves others meanwhile
+    decoder.close()
