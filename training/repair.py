@@ -42,15 +42,15 @@ class RepairConfig:
     # into another (a one-off scratch comparison on the shipped model, not a repo command, lost clean accuracy that
     # way; `python -m training repair` logs the held-out accuracy of the recipe as it stands).
     unlearn_labels: int = 3
-    # Off by default: `make repair-sweep --adversarial` (reports/repair.md) found it leaves at most 4.82% attack
-    # success on every suite model, but at 3.4 to 7.7 points of clean accuracy and about 5x the time.
+    # Off by default: `make repair-sweep --adversarial` (reports/repair.md) found it leaves at most 5.11% attack
+    # success on every suite model, but at 4.4 to 7.7 points of clean accuracy and about 5x the time.
     adversarial: bool = False  # adversarial unlearning of a universal perturbation per batch
     adv_radius: float = 4.0  # L2 radius of that perturbation (a 4x4 white patch is ~3.5, a 0.15 blend ~1.7)
     adv_steps: int = 5  # gradient steps that find it
     # Adam, cosine-decayed, 2e-3 for 30 passes rather than the first recipe's 2e-4 for 15: `make repair-sweep`
-    # (reports/repair.md, without distillation) measured the repaired models' attack success falling from 72.87%
-    # to 5.64% (WaNet), 75.98% to 16.92% (kwon), 28.53% to 5.76% (checkerboard), 21.36% to 6.00% (SIG) and
-    # 56.72% to 20.02% (all-to-all), for a mean clean accuracy change of -1.58 point against -1.29.
+    # (reports/repair.md, without distillation) measured the repaired models' attack success falling from 73.13%
+    # to 5.43% (WaNet), 74.73% to 15.91% (kwon), 27.34% to 5.93% (checkerboard), 21.00% to 5.62% (SIG) and
+    # 56.14% to 20.22% (all-to-all), for a mean clean accuracy change of -2.10 points against -1.92.
     epochs: int = 30  # passes over the repair images
     batch_size: int = 128
     lr: float = 2e-3
@@ -59,9 +59,9 @@ class RepairConfig:
     # Added after the cache keys of build/eval were first kept (training.suite.ADDED_LATER records the values
     # that repair as before: no distillation, no mixup).
     # Distillation towards the original model's outputs on the clean rows of each batch, off by default.
-    # `make repair-sweep` (reports/repair.md) found it the candidate that costs the least clean accuracy (within 1
-    # point on 5 of the 9 suite models, against 2 without it; mean change -0.89 point against -1.58), for more
-    # attack success left on some (all-to-all 20.02% -> 41.62%, WaNet 5.64% -> 18.09%). As the default (commits
+    # `make repair-sweep` (reports/repair.md) found it the candidate that costs the least clean accuracy (mean
+    # change -1.44 points against -2.10; within 1 point on 2 of the 9 suite models, against none without it), for
+    # more attack success left on some (all-to-all 20.22% -> 42.72%, WaNet 5.43% -> 17.91%). As the default (commits
     # 209fba8 and ef16497 hold its make evaluate, make bench, http_check and make cost) it moved no fused TPR by
     # more than 0.29 point, but the shipped bundle's FPR over HTTP rose from 0.82% to 0.98% (the issue's bar:
     # 0.9%), the key blend's clean accuracy through the guard fell to 1.14 points under the undefended model's,
