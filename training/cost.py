@@ -26,7 +26,7 @@ import numpy as np
 
 from service.bundle import Bundle, build_pipeline
 from service.preprocess import to_model_input
-from training.attacks import PRESETS, triggered_pixels, victims
+from training.attacks import PRESETS, attack_labels, triggered_pixels, victims
 from training.calibration import CalibrationConfig, collect, fit_fusion, split_calibration
 from training.common import write_report
 from training.data import DataConfig, load_dataset
@@ -60,6 +60,49 @@ def fused_rates(sets: dict[str, Scores], signals: list[str], rule: str, fpr: flo
         "tpr": rate(fusion.combine(sets["triggered"]) > threshold),
         "fpr": rate(fusion.combine(sets["clean"]) > threshold),
     }
+
+
+def label_sources(
+    bundle: Bundle, clean: np.ndarray, labels: np.ndarray, triggered: np.ndarray, true: np.ndarray, wanted: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Each label source a flagged image can take its label from (service.guard.SOURCES; those the bundle can give),
+    under the bundle's own verdicts and label policy: the triggered images' attacker's-label and true-label rates and
+    the clean accuracy through the guard."""
+    from service.guard import SOURCES, GuardResult, label_source, trusted_labels
+
+    guard = build_pipeline(bundle)
+    infected = guard.infected
+    runs = {"clean": GuardResult.concat(guard.run_chunked(clean)),
+            "triggered": GuardResult.concat(guard.run_chunked(triggered))}  # fmt: skip
+    out = {}
+    for source in SOURCES:
+        if source != "restored" and runs["clean"].repaired is None:
+            continue
+        given = {
+            part: trusted_labels(r.original, label_source(source, r.restored, r.repaired), r.backdoor, infected)[0]
+            for part, r in runs.items()
+        }
+        out[source] = {
+            "attack_success_after": rate(given["triggered"] == wanted),
+            "triggered_true_label": rate(given["triggered"] == true),
+            "clean_accuracy_guarded": rate(given["clean"] == labels),
+        }
+    return out
+
+
+def best_source(sources: dict[str, dict[str, dict[str, float]]]) -> str:
+    """attack -> source -> rates: the source whose worst attacker's-label rate over the attacks is lowest (the label
+    policy's first duty), then the highest mean true-label rate."""
+    names = list(next(iter(sources.values())))
+
+    def key(source: str) -> tuple[float, float]:
+        rows = [s[source] for s in sources.values()]
+        return (
+            max(r["attack_success_after"] for r in rows),
+            -float(np.mean([r["triggered_true_label"] for r in rows])),
+        )
+
+    return min(names, key=key)
 
 
 def signal_passes(bundle: Bundle, signals: list[str] | None = None) -> dict[str, int]:
@@ -96,6 +139,7 @@ def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = N
     attacks: dict[str, dict[str, dict[str, float]]] = {}
     configs: dict[str, tuple[int, list[str], int]] = {}
     kept: dict[str, np.ndarray] = {}
+    sources: dict[str, dict[str, dict[str, float]]] = {}
     for name, entry in SUITE.items():
         if name == "clean":
             continue
@@ -116,6 +160,8 @@ def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = N
             log.info("%s: scores at N = %d in %.0f s", name, n, time.perf_counter() - start)
             kept.update({f"{name}/{n}/{part}/{k}": v for part, d in by_n[n].items() for k, v in d.items()})
         attacks[name] = {config: fused_rates(by_n[n], keep, rule, fpr) for config, (n, keep, _) in configs.items()}
+        wanted = attack_labels(labels[victims(labels, attack)], attack, len(bundle.class_names))
+        sources[name] = label_sources(bundle, clean, labels, triggered, labels[victims(labels, attack)], wanted)
     if scores_path is not None:  # every raw score, for looking further without recomputing (np.load)
         np.savez_compressed(scores_path, **kept)  # type: ignore[arg-type]
     full = next(iter(configs))
@@ -131,7 +177,7 @@ def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = N
     chosen = min((c for c in rows if rows[c]["qualifies"]), key=lambda c: (rows[c]["passes_per_image"], c))
     return {
         "full": full, "chosen": chosen, "slack": slack, "images": n_images, "first_image": part.start, "configs": rows,
-        "attacks": attacks,
+        "attacks": attacks, "label_sources": sources, "label_source_chosen": best_source(sources),
     }  # fmt: skip
 
 
@@ -162,6 +208,31 @@ def render(r: dict[str, Any]) -> str:
     c = r["configs"][r["chosen"]]
     lines += ["", f"Cheapest that qualifies: **{r['chosen']}**, {c['passes_per_image']} classifier passes per image "
               f"(the full set: {r['configs'][r['full']]['passes_per_image']}).", ""]  # fmt: skip
+    if "label_sources" in r:
+        sources = list(next(iter(r["label_sources"].values())))
+        lines += [
+            "## Where a flagged image's label comes from",
+            "",
+            "Each label source under each bundle's own verdicts and label policy (the default signals; never the "
+            "original label, nor one Neural Cleanse flagged): attacker's label / true label on the triggered "
+            "images / clean accuracy through the guard, on the same images.",
+            "",
+            "| source | " + " | ".join(names) + " | worst attacker's label | mean true label |",
+            "|---|" + "---|" * (len(names) + 2),
+        ]
+        for source in sources:
+            rows = [r["label_sources"][a][source] for a in names]
+            cells = " | ".join(
+                f"{100 * x['attack_success_after']:.2f} / {100 * x['triggered_true_label']:.2f} / "
+                f"{100 * x['clean_accuracy_guarded']:.2f}"
+                for x in rows
+            )
+            worst = max(x["attack_success_after"] for x in rows)
+            mean = float(np.mean([x["triggered_true_label"] for x in rows]))
+            lines.append(f"| {source} | {cells} | {100 * worst:.2f} | {100 * mean:.2f} |")
+        chosen = r["label_source_chosen"]
+        lines += ["", f"Lowest worst attacker's label (then the highest mean true label): **{chosen}** "
+                  "(`CalibrationConfig.label_source` holds the default).", ""]  # fmt: skip
     return "\n".join(lines)
 
 
