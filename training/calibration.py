@@ -48,10 +48,11 @@ class CalibrationConfig:
     # Where a flagged image's label comes from (service.guard.SOURCES) when the bundle has a repaired model: "both"
     # (the restored and repaired predictions averaged), or "best": whichever gives Neural Cleanse's stand-in
     # triggered images their true label most often. "best" picked the repaired model for all-to-all on its
-    # stand-ins, where that model still obeys the trigger: attacker's label through the guard 4.10% with it, 0.54%
-    # with "both" (make evaluate, reports/attack_suite.json, before and after). That "both" stays within 0.3 point
-    # of true label of the better single source on every suite attack is from a one-off scratch comparison on
-    # 2,000 test images (not a repo command).
+    # stand-ins, where that model still obeys the trigger. make cost (reports/cost.md, on the half of the test set
+    # the suite does not report on) weighs each source under every suite bundle's verdicts: "both" ties the others'
+    # worst attacker's label (4.29%, the low-contrast patch's unflagged images, which no source touches) with the
+    # highest mean true label (85.12%, against 82.85% repaired and 64.56% restored; all-to-all's attacker's label
+    # 0.46% against 1.08% with the repaired model).
     label_source: Literal["both", "best"] = "both"
 
 
