@@ -68,10 +68,11 @@ class SqueezeSignal(Signal):
     @classmethod
     def parameter_problems(cls, params: Mapping[str, Any], calibrated: Mapping[str, Any] | None) -> list[str]:
         problems = []
-        for key, lo, hi, default in (("bits", 1, 8, 3), ("median", 2, 28, 2)):
+        for key, lo, hi, default in (("bits", 1, 8, 3), ("median", 2, None, 2)):  # as __init__ requires
             runs = params.get(key, default)
-            if not isinstance(runs, int) or isinstance(runs, bool) or not lo <= runs <= hi:
-                problems.append(f"signals.squeeze.{key}: {runs!r}, must be an integer in [{lo}, {hi}]")
+            if not isinstance(runs, int) or isinstance(runs, bool) or runs < lo or (hi is not None and runs > hi):
+                want = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+                problems.append(f"signals.squeeze.{key}: {runs!r}, must be an integer {want}")
             elif calibrated is not None and key in calibrated and calibrated[key] != runs:
                 problems.append(f"thresholds.squeeze.{key}: calibrated at {calibrated[key]!r}, the signal runs {runs}")
         return problems
