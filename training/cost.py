@@ -7,9 +7,11 @@ as calibration fuses the bundle (service.guard.Fusion with the bundle's rule: ta
 at the (1 - target FPR) quantile of half B), and its fused TPR and FPR are measured on the test images.
 A configuration qualifies when no attack loses more than `slack` of fused TPR or gains more than `slack`
 of FPR against the full one; the cheapest that qualifies (classifier passes per image) is the choice.
-No threshold is set per attack and the attacker's trigger only measures.
+No threshold is set per attack and the attacker's trigger only measures. It also weighs each label source a
+flagged image can take its label from (`label_sources`) under every bundle's own verdicts. The test images are
+the half the attack suite does not report on (training.suite.SELECTION_START).
 
-    python -m training.cost [--images 2000] [--slack 0.005]
+    python -m training.cost [--images 5000] [--slack 0.005]
 
 writes reports/cost.json and reports/cost.md.
 """
