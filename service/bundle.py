@@ -96,7 +96,9 @@ class Bundle:
     sessions: dict[str, Any]  # name -> onnxruntime.InferenceSession
     strip_bank: np.ndarray  # float32 (M, C, H, W) clean calibration images
     digest: str  # the root digest: SHA-256 (hex) of manifest.json's bytes, which list every file's SHA-256
-    verified: dict[str, bytes]  # the manifest's files (name -> bytes) as hashed at load: read them from here
+    # The manifest's other files (name -> bytes; not the ONNX models or the bank, loaded above) as hashed at load:
+    # read them from here (a signal's reference), never from the path again
+    verified: dict[str, bytes]
 
     @classmethod
     def load(cls, root: Path, threads: int = 0, prefer_gpu: bool = True, expected_digest: str | None = None) -> Bundle:
@@ -130,7 +132,9 @@ class Bundle:
             "bundle %s (root digest %s) verified; ONNX Runtime providers %s",
             root, digest, sessions["classifier"].get_providers(),
         )  # fmt: skip
-        return cls(root, manifest, sessions, bank.astype(np.float32), digest, verified)
+        loaded = {*sessions, "strip_bank"}  # already in memory as sessions and the bank: not kept twice
+        rest = {name: data for name, data in verified.items() if name not in loaded}
+        return cls(root, manifest, sessions, bank.astype(np.float32), digest, rest)
 
     @property
     def preprocessing(self) -> Preprocessing:

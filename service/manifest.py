@@ -257,6 +257,14 @@ def signal_names(manifest: Mapping[str, Any]) -> list[str]:
     return list(listed) if isinstance(listed, dict) else list(SIGNALS)
 
 
+def strip_calibrated(manifest: Mapping[str, Any], key: str) -> tuple[str, Any]:
+    """(where, value) of the STRIP parameter `key` ("n", "blend") its threshold and fusion table were calibrated
+    with: recorded beside its threshold, or (bundles calibrated before it was) the calibration config's."""
+    where = f"thresholds.strip.{key}"
+    where = where if _at(manifest, where) is not _MISSING else f"configs.strip.{key}"
+    return where, _at(manifest, where)
+
+
 def _params(manifest: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     """The manifest's parameters of signal `name` (none for bundles without a `signals` list)."""
     params = _at(manifest, f"signals.{name}")
@@ -398,8 +406,7 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
             # beside its threshold, or (bundles calibrated before they were) the calibration config's
             for key in ("n", "blend"):
                 runs = _params(manifest, "strip").get(key, _at(manifest, f"configs.strip.{key}"))
-                fitted = f"thresholds.strip.{key}"
-                fitted = fitted if _at(manifest, fitted) is not _MISSING else f"configs.strip.{key}"
+                fitted, _ = strip_calibrated(manifest, key)
                 if key == "n" and _is_int(runs):  # else signals.strip.n's own check reports it
                     rules.append((fitted, matches(runs, "the N the strip signal runs at")))
                 elif key == "blend" and runs in BLENDS:

@@ -15,6 +15,7 @@ from service.batcher import MicroBatcher
 from service.bundle import Bundle, build_pipeline, check_digest
 from service.errors import NotReady
 from service.guard import GuardPipeline, GuardResult, PlainPipeline
+from service.manifest import strip_calibrated
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -33,15 +34,14 @@ def pipeline_for(settings: Settings, bundle: Bundle) -> GuardPipeline:
             f"GUARD_STRIP_N is set but {bundle.root} runs no strip signal (its manifest's `signals`): unset it, or "
             "serve a bundle calibrated with STRIP"
         )
-    calibrated_n = (
-        bundle.manifest.get("thresholds", {}).get("strip", {}).get("n", bundle.manifest["configs"]["strip"]["n"])
-    )
-    if settings.strip_n is not None and settings.strip_n != calibrated_n:
-        raise ValueError(
-            f"GUARD_STRIP_N={settings.strip_n}, but {bundle.root}'s STRIP was calibrated at N = {calibrated_n}: its "
-            "threshold and fusion table hold only there. Unset it, or calibrate at that N (python -m training "
-            f"calibrate --strip-n {settings.strip_n})"
-        )
+    if settings.strip_n is not None:
+        _, calibrated_n = strip_calibrated(bundle.manifest, "n")
+        if settings.strip_n != calibrated_n:
+            raise ValueError(
+                f"GUARD_STRIP_N={settings.strip_n}, but {bundle.root}'s STRIP was calibrated at N = {calibrated_n}: "
+                "its threshold and fusion table hold only there. Unset it, or calibrate at that N (python -m "
+                f"training calibrate --strip-n {settings.strip_n})"
+            )
     pipeline = build_pipeline(
         bundle, strip_n=settings.strip_n, avoid_infected=settings.avoid_infected_labels,
         early_exit=settings.strip_early_exit,

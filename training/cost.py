@@ -92,19 +92,22 @@ def label_sources(
     return out
 
 
+def source_summary(sources: dict[str, dict[str, dict[str, float]]], source: str) -> tuple[float, float]:
+    """attack -> source -> rates: one source's worst attacker's-label rate over the attacks and its mean true-label
+    rate."""
+    rows = [s[source] for s in sources.values()]
+    return max(r["attack_success_after"] for r in rows), float(np.mean([r["triggered_true_label"] for r in rows]))
+
+
 def best_source(sources: dict[str, dict[str, dict[str, float]]]) -> str:
     """attack -> source -> rates: the source whose worst attacker's-label rate over the attacks is lowest (the label
     policy's first duty), then the highest mean true-label rate."""
-    names = list(next(iter(sources.values())))
 
     def key(source: str) -> tuple[float, float]:
-        rows = [s[source] for s in sources.values()]
-        return (
-            max(r["attack_success_after"] for r in rows),
-            -float(np.mean([r["triggered_true_label"] for r in rows])),
-        )
+        worst, mean = source_summary(sources, source)
+        return worst, -mean
 
-    return min(names, key=key)
+    return min(next(iter(sources.values())), key=key)
 
 
 def signal_passes(bundle: Bundle, signals: list[str] | None = None) -> dict[str, int]:
@@ -147,7 +150,8 @@ def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = N
             continue
         bundle = Bundle.load(suite_bundle(name, shipped))
         attack = PRESETS[entry.preset]
-        triggered = to_model_input(triggered_pixels(pixels[victims(labels, attack)], attack))
+        idx = victims(labels, attack)
+        triggered = to_model_input(triggered_pixels(pixels[idx], attack))
         signals = full_set(bundle)
         configs = configs or candidates(signals, signal_passes(bundle, signals))
         rule = bundle.manifest["thresholds"]["fused"].get("rule", "max")
@@ -162,8 +166,8 @@ def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = N
             log.info("%s: scores at N = %d in %.0f s", name, n, time.perf_counter() - start)
             kept.update({f"{name}/{n}/{part}/{k}": v for part, d in by_n[n].items() for k, v in d.items()})
         attacks[name] = {config: fused_rates(by_n[n], keep, rule, fpr) for config, (n, keep, _) in configs.items()}
-        wanted = attack_labels(labels[victims(labels, attack)], attack, len(bundle.class_names))
-        sources[name] = label_sources(bundle, clean, labels, triggered, labels[victims(labels, attack)], wanted)
+        wanted = attack_labels(labels[idx], attack, len(bundle.class_names))
+        sources[name] = label_sources(bundle, clean, labels, triggered, labels[idx], wanted)
     if scores_path is not None:  # every raw score, for looking further without recomputing (np.load)
         np.savez_compressed(scores_path, **kept)  # type: ignore[arg-type]
     full = next(iter(configs))
@@ -229,8 +233,7 @@ def render(r: dict[str, Any]) -> str:
                 f"{100 * x['clean_accuracy_guarded']:.2f}"
                 for x in rows
             )
-            worst = max(x["attack_success_after"] for x in rows)
-            mean = float(np.mean([x["triggered_true_label"] for x in rows]))
+            worst, mean = source_summary(r["label_sources"], source)
             lines.append(f"| {source} | {cells} | {100 * worst:.2f} | {100 * mean:.2f} |")
         chosen = r["label_source_chosen"]
         lines += ["", f"Lowest worst attacker's label (then the highest mean true label): **{chosen}** "

@@ -289,7 +289,7 @@ def why(suite: dict[str, Any]) -> list[str]:
             agrees = m["attacker_wins_repaired_agrees"]
             repaired = "" if agrees is None else f"; the repaired model gives the attacker's label on {agrees} of them"
             most = ", ".join(f"{c} ({n})" for c, n in top)
-            natural = ", ".join(f"{c} {pct(m['clean_given_attack_label'][c])}" for c, _ in top)
+            natural = ", ".join(f"{c} {pct(m['clean_given_attack_label'].get(c))}" for c, _ in top)
             said.append(
                 f"The attacker's label survives on {m['attacker_wins']} of {a['images']['triggered']} triggered "
                 f"images ({pct(a['attack_success_after'])}), {m['attacker_wins_unflagged']} of them not flagged"
