@@ -51,6 +51,8 @@ from training.http_check import encode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 8, 32)
+# Clients that send several images per request: the per-request HTTP work is shared by all of them
+BATCH_FILES, BATCH_CONCURRENCY = 16, 4
 ART_N = 32  # issue 12 compares against ART's STRIP at N = 32
 
 
@@ -60,17 +62,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def multipart(png: bytes) -> tuple[bytes, str]:
+def multipart(*pngs: bytes) -> tuple[bytes, str]:
+    """A /classify body carrying each PNG as one `files` part, and its content type."""
     boundary = "backdoorguardbench"
-    body = (
+    if any(boundary.encode() in png for png in pngs):
+        raise ValueError("a PNG holds the multipart boundary")
+    parts = [
         (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="bench.png"\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="bench{i}.png"\r\n'
             "Content-Type: image/png\r\n\r\n"
         ).encode()
         + png
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
+        + b"\r\n"
+        for i, png in enumerate(pngs)
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def _hey_rows(url: str, body: Path, content_type: str, n: int, c: int) -> tuple[list[dict[str, str]], float]:
@@ -155,11 +161,13 @@ def running_service(signals: str) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def body_files(folder: Path, name: str, pngs: list[bytes]) -> list[Path]:
-    """Each PNG as a multipart /classify body in its own file (what `hey -D` sends)."""
+def body_files(folder: Path, name: str, pngs: list[bytes], per_body: int = 1) -> list[Path]:
+    """/classify bodies in a file each (what `hey -D` sends): each PNG alone, or with per_body > 1 as many
+    bodies as PNGs, body i carrying the per_body PNGs from the i-th on (wrapping round), so every image is
+    sent equally often."""
     paths = []
-    for i, png in enumerate(pngs):
-        body, _ = multipart(png)
+    for i in range(len(pngs)):
+        body, _ = multipart(*[pngs[(i + j) % len(pngs)] for j in range(per_body)])
         paths.append(folder / f"{name}{i}")
         paths[-1].write_bytes(body)
     return paths
@@ -187,19 +195,26 @@ def service_runs(
     return runs, {k: after[k] - before.get(k, 0.0) for k in after}
 
 
-def paired_runs(guarded: str, plain: str, bodies: list[Path], requests: int, pairs: int) -> dict[str, Any]:
-    """Concurrency 32 on the clean bodies, alternating between the guarded and the plain service `pairs` times:
-    the machine's load drifts over a run, and a pair measured back to back shares it. The medians of the
-    images/s and of the per-pair ratios."""
+def paired_runs(
+    guarded: str, plain: str, bodies: list[Path], requests: int, pairs: int, concurrency: int = 32, per_body: int = 1
+) -> dict[str, Any]:  # fmt: skip
+    """The clean bodies (per_body images each) at `concurrency`, alternating between the guarded and the plain
+    service `pairs` times: the machine's load drifts over a run, and a pair measured back to back shares it.
+    The medians of the images/s and of the per-pair ratios."""
     content_type = multipart(b"")[1]
     rows = []
     for _ in range(pairs):
-        on = hey(f"{guarded}/classify", bodies, content_type, requests, 32)["throughput_rps"]
-        off = hey(f"{plain}/classify", bodies, content_type, requests, 32)["throughput_rps"]
-        rows.append({"guarded": on, "unguarded": off, "ratio": on / off})
+        on = hey(f"{guarded}/classify", bodies, content_type, requests, concurrency)
+        off = hey(f"{plain}/classify", bodies, content_type, requests, concurrency)
+        rows.append({
+            "guarded": per_body * on["throughput_rps"], "unguarded": per_body * off["throughput_rps"],
+            "ratio": on["throughput_rps"] / off["throughput_rps"], "errors": on["errors"] + off["errors"],
+        })  # fmt: skip
     return {
         "pairs": rows,
         "requests": requests,
+        "concurrency": concurrency,
+        "images_per_request": per_body,
         **{f"median_{k}": float(np.median([r[k] for r in rows])) for k in ("guarded", "unguarded", "ratio")},
     }
 
@@ -445,9 +460,19 @@ def headline(r: dict[str, Any]) -> dict[str, float]:
     """The keys issue 12 names, from the runs: throughput from the alternating runs at concurrency 32 (their
     medians; the share is the median of the pairs' ratios), latency from concurrency 1."""
     guarded, plain = clean_runs(r["service"]), clean_runs(r["service_unguarded"])
-    roof, paired = r["roofline"], r["paired_c32"]
+    roof, paired, batched = r["roofline"], r["paired_c32"], r.get("paired_batched")
     on = paired["median_guarded"]
-    return {
+    many = {}
+    if batched:  # clients sending several images per request (older reports have no such run)
+        many = {
+            "batched_images_per_request": batched["images_per_request"],
+            "batched_concurrency": batched["concurrency"],
+            "batched_guarded_images_per_s": batched["median_guarded"],
+            "batched_unguarded_images_per_s": batched["median_unguarded"],
+            "batched_share_of_unguarded": batched["median_ratio"],
+            "batched_roofline_efficiency": batched["median_guarded"] / roof["guarded_images_per_s"],
+        }
+    return many | {
         "guarded_images_per_s": on,
         "unguarded_images_per_s": paired["median_unguarded"],
         "guarded_share_of_unguarded": paired["median_ratio"],
@@ -532,6 +557,7 @@ def render(r: dict[str, Any]) -> str:
         f"{h['roofline_efficiency']:.2f} | {_met(h['roofline_efficiency'] >= 0.8)} |",
         f"| ... the guard in process at batch 16, no HTTP (the service's batch at concurrency 32) | "
         f"{h['in_process_efficiency_b16']:.2f} | {_met(h['in_process_efficiency_b16'] >= 0.8)} |",
+        *_batched_bar(h),
         f"| >= 5x ART's STRIP (N = {ART_N}, as the issue names it) | {h['over_art_strip_n32']:.1f}x | "
         f"{_met(h['over_art_strip_n32'] >= 5)} |",
         f"| ... the guard in process at batch 256 against ART in process, neither behind HTTP | "
@@ -566,6 +592,7 @@ def render(r: dict[str, Any]) -> str:
             for i, p in enumerate(r["paired_c32"]["pairs"])
         ],
         "",
+        *_batched_section(r, h),
         "## Against the roofline and the peers",
         "",
         "| | images/s | service at concurrency 32 (the pairs' median) / this |",
@@ -604,6 +631,39 @@ def render(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _batched_bar(h: dict[str, Any]) -> list[str]:
+    if "batched_roofline_efficiency" not in h:
+        return []
+    return [
+        f"| ... over HTTP with {h['batched_images_per_request']} images per request (concurrency "
+        f"{h['batched_concurrency']}) | {h['batched_roofline_efficiency']:.2f} | "
+        f"{_met(h['batched_roofline_efficiency'] >= 0.8)} |"
+    ]
+
+
+def _batched_section(r: dict[str, Any], h: dict[str, Any]) -> list[str]:
+    """The alternating runs of multi-image requests: what the per-request HTTP work costs once shared."""
+    if "batched_roofline_efficiency" not in h:
+        return []
+    b = r["paired_batched"]
+    return [
+        f"{b['images_per_request']} images per request at concurrency {b['concurrency']}, the two services "
+        f"alternating ({b['requests']} requests each): the per-request HTTP work (parsing, routing, the response) "
+        f"is shared by {b['images_per_request']} images. Guarded {h['batched_guarded_images_per_s']:.1f} images/s, "
+        f"{h['batched_roofline_efficiency']:.2f} of the roofline and "
+        f"{100 * h['batched_share_of_unguarded']:.0f}% of the unguarded service's "
+        f"{h['batched_unguarded_images_per_s']:.1f} (medians):",
+        "",
+        "| pair | guarded images/s | unguarded images/s | ratio | failed requests |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {i + 1} | {p['guarded']:.1f} | {p['unguarded']:.1f} | {100 * p['ratio']:.0f}% | {p.get('errors', 0)} |"
+            for i, p in enumerate(b["pairs"])
+        ],
+        "",
+    ]
 
 
 def _art_worse(r: dict[str, Any]) -> str:
@@ -665,6 +725,8 @@ def main(argv: list[str] | None = None) -> None:
         service, delta = service_runs(on, clean_bodies, args.requests, body_files(Path(tmp), "trig", triggered_pngs))
         unguarded, _ = service_runs(off, clean_bodies, args.requests)
         paired = paired_runs(on, off, clean_bodies, args.requests // 2, args.pairs)
+        many = body_files(Path(tmp), "many", clean_pngs, BATCH_FILES)
+        batched = paired_runs(on, off, many, args.requests // 4, 3, BATCH_CONCURRENCY, BATCH_FILES)
     torch.set_num_threads(os.cpu_count() or 1)
     model = load_classifier(bundle.root / bundle.manifest["checkpoints"]["classifier"]["path"])
     passes = passes_per_image(bundle)
@@ -683,6 +745,7 @@ def main(argv: list[str] | None = None) -> None:
         "service": service,
         "service_unguarded": unguarded,
         "paired_c32": paired,
+        "paired_batched": batched,
         "stages": stage_breakdown(delta),
         "roofline": roofline(bundle, images, measured["clean"]),
         "in_process": in_process(bundle, to_model_input(test)),

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from run import scrape  # bench/run.py, beside this file
+from run import multipart, scrape  # bench/run.py, beside this file
 
 from training.attacks import PRESETS, triggered_pixels
 from training.data import DataConfig, load_dataset
@@ -46,8 +46,7 @@ from training.http_check import encode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BOUNDARY = "backdoorguardsoak"
-CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+CONTENT_TYPE = multipart(b"")[1]
 MIXED_SIZES = tuple(range(1, 9))  # images per request in the mixed phase
 BATCH = 64  # images in the large-batch body (the service's default GUARD_MAX_FILES and GUARD_MAX_BATCH)
 RSS_BAR = 1.5  # peak RSS with 64-image batches over the single-image steady state
@@ -122,19 +121,6 @@ def parse_hey(text: str) -> HeyResult:
     return HeyResult(statuses, errors, float(rps.group(1)) if rps else 0.0, latency.get(50), latency.get(99))
 
 
-def multipart(pngs: list[bytes]) -> bytes:
-    """A multipart/form-data body with one `files` part per PNG."""
-    parts = []
-    for i, png in enumerate(pngs):
-        assert BOUNDARY.encode() not in png
-        head = (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="soak{i}.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        )
-        parts.append(head.encode() + png + b"\r\n")
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
-
-
 def write_bodies(folder: Path, test_images: np.ndarray) -> dict[int, Path]:
     """Bodies of k = 1..8 and 64 distinct test images; every other image carries a trigger, the attacks in turn."""
     attacks = [PRESETS[name] for name in PRESETS if name != "clean"]
@@ -146,7 +132,7 @@ def write_bodies(folder: Path, test_images: np.ndarray) -> dict[int, Path]:
                 pixels = triggered_pixels(pixels[None], attacks[(start + j) // 2 % len(attacks)])[0]
             pngs.append(encode_png(pixels))
         paths[k] = folder / f"body-{k}.bin"
-        paths[k].write_bytes(multipart(pngs))
+        paths[k].write_bytes(multipart(*pngs)[0])
         start += k
     return paths
 

@@ -44,6 +44,9 @@ def test_headline_keys_and_the_bar_table() -> None:
         "paired_c32": {"requests": 1000, "median_guarded": 300.0, "median_unguarded": 500.0, "median_ratio": 0.6,
                        "pairs": [{"guarded": 300.0, "unguarded": 500.0, "ratio": 0.6},
                                  {"guarded": 310.0, "unguarded": 450.0, "ratio": 310 / 450}]},
+        "paired_batched": {"requests": 500, "concurrency": 4, "images_per_request": 16, "median_guarded": 450.0,
+                           "median_unguarded": 600.0, "median_ratio": 0.75,
+                           "pairs": [{"guarded": 450.0, "unguarded": 600.0, "ratio": 0.75, "errors": 0}]},
         "stages": {"decode": 0.1, "mean_batch_size": 4.0},
         "roofline": {"classifier_images_per_s": 17000.0, "passes_per_image": 34.0, "guarded_images_per_s": 500.0,
                      "classifier_passes_only_images_per_s": 17000.0 / 34,
@@ -72,6 +75,13 @@ def test_headline_keys_and_the_bar_table() -> None:
         "500.0; median ratio 60% | yes |" in text
     )
     assert "| 2 | 310.0 | 450.0 | 69% |" in text
+    assert h["batched_roofline_efficiency"] == pytest.approx(0.9) and h["batched_share_of_unguarded"] == 0.75
+    assert "| ... over HTTP with 16 images per request (concurrency 4) | 0.90 | yes |" in text
+    assert "| 1 | 450.0 | 600.0 | 75% | 0 |" in text
+    assert "Guarded 450.0 images/s, 0.90 of the roofline and 75% of the unguarded service's 600.0" in text
+    old = {k: v for k, v in r.items() if k != "paired_batched" and not k.startswith("batched_")}
+    assert "batched_roofline_efficiency" not in bench.headline(old)  # a report from before the batched run
+    assert "images per request" not in bench.render(old)
     assert h["passes_per_image_triggered"] == 4.0  # the triggered run is reported, never the headline
     assert "| on | triggered | 32 | 100 | 0 | 900.0 |" in text
     assert (
@@ -96,6 +106,17 @@ def test_headline_keys_and_the_bar_table() -> None:
     assert "(AUROC below) | on wanet | **no** |" in text  # ART separates WaNet better here: not met
     assert "| wanet | 0.8000 | 0.7000 |" in text
     assert "| detrigger | 1 | 0.990 / +1.0 |" in text and "| strip | 32 | 0.900 / +0.0 |" in text
+
+
+def test_multi_image_bodies_send_every_image_equally_often(tmp_path) -> None:
+    pngs = [b"png%d" % i for i in range(5)]
+    paths = bench.body_files(tmp_path, "many", pngs, per_body=3)
+    bodies = [p.read_bytes() for p in paths]
+    assert len(bodies) == 5 and all(b.count(b'name="files"') == 3 for b in bodies)
+    assert all(sum(b.count(png) for b in bodies) == 3 for png in pngs)
+    assert bodies[4].index(b"png4") < bodies[4].index(b"png0") < bodies[4].index(b"png1")  # wraps round
+    with pytest.raises(ValueError, match="boundary"):
+        bench.multipart(b"x--backdoorguardbench")
 
 
 @pytest.mark.data
