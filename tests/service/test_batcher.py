@@ -76,3 +76,37 @@ def test_queue_limit() -> None:
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_without_a_wait_a_batch_takes_what_queued_while_the_previous_one_ran() -> None:
+    """max_delay 0 (the default): the first job runs at once, alone; the jobs submitted meanwhile are
+    waiting when the guard is free again and go together, within max_batch."""
+    import threading
+
+    release = threading.Event()
+
+    def slow_guard(images: np.ndarray) -> GuardResult:
+        if images[0, 0, 0, 0] == 1:
+            release.wait(5)  # the first batch holds the guard until every other job is queued
+        return fake_guard(images)
+
+    async def scenario() -> list[BatchStats]:
+        stats: list[BatchStats] = []
+        batcher = MicroBatcher(slow_guard, max_batch=4, max_delay_s=0.0, max_queue=100, on_batch=stats.append)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(job(1)))
+            await asyncio.sleep(0.05)  # the worker has taken job 1 and is running it
+            rest = [asyncio.ensure_future(batcher.submit(job(i))) for i in range(2, 7)]
+            await asyncio.sleep(0.05)
+            release.set()
+            for r, i in zip(await asyncio.gather(first, *rest), range(1, 7), strict=True):
+                assert r.labels.tolist() == [i]
+        finally:
+            await batcher.stop()
+        return stats
+
+    assert [s.images for s in asyncio.run(scenario())] == [1, 4, 1]
+    from service.settings import Settings
+
+    assert Settings.model_fields["max_delay_ms"].default == 0.0  # what the service runs with unless told
