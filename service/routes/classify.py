@@ -102,6 +102,8 @@ def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with
     fusion = runtime.pipeline.fusion
     assert fusion is not None
     labels, confidence = result.labels, result.confidence
+    # each signal's clean percentiles for the whole batch at once (one interpolation per signal, not per image)
+    percentiles = {s.name: fusion.percentile(s.name, result.signals[s.name].score) for s in runtime.pipeline.signals}
     out = []
     for i, name in enumerate(names):
         signals = {}
@@ -109,9 +111,7 @@ def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with
             evidence = signal.report(result.signals[signal.name], i)
             if "label" in evidence:
                 evidence["class_name"] = classes[evidence["label"]]
-            evidence["percentile"] = float(
-                fusion.percentile(signal.name, result.signals[signal.name].score[i : i + 1])[0]
-            )
+            evidence["percentile"] = float(percentiles[signal.name][i])
             signals[signal.name] = evidence
         original, restored, repaired = result.original, result.restored, result.repaired
         out.append(
