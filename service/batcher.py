@@ -4,9 +4,9 @@ A request submits its images as one job and awaits its own slice of the batch's 
 the first waiting job, then keeps adding jobs until the batch holds `max_batch` images or `max_delay` has
 passed (0, the service's default: the jobs already waiting, no more), runs the whole guard once in a
 worker thread, and hands each job its rows. While a batch runs, new jobs queue up, so under load batches
-fill by themselves. If a batch fails, its jobs are retried one
-by one, so that one bad job fails only its own request. Beyond `max_queue` images waiting or running,
-`submit` refuses at once (503) instead of queueing without bound.
+fill by themselves. If a batch fails, its jobs are retried one by one, so that one bad job fails only its
+own request. Beyond `max_queue` images waiting or running, `submit` refuses at once (503) instead of
+queueing without bound.
 """
 
 from __future__ import annotations
