@@ -137,6 +137,15 @@ class GuardResult:
             self.source,
         )
 
+    def sources(self) -> tuple[str, ...]:
+        """The label sources these images can take a label from: all of SOURCES where the repaired model ran."""
+        return SOURCES if self.repaired is not None else ("restored",)
+
+    def labels_from(self, source: str, backdoor: np.ndarray, infected: Sequence[int]) -> np.ndarray:
+        """The labels the label policy gives these images with `source` as the label source and `backdoor` as
+        the verdicts (what a bundle calibrated with that source would answer)."""
+        return trusted_labels(self.original, label_source(source, self.restored, self.repaired), backdoor, infected)[0]
+
     @staticmethod
     def concat(parts: Sequence[GuardResult]) -> GuardResult:
         """The results of consecutive chunks of a batch as one (the inverse of `take`)."""

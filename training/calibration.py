@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.bundle import Bundle, build_pipeline
-from service.guard import SOURCES, Fusion, GuardPipeline, GuardResult, SignalResult, label_source, trusted_labels
+from service.guard import SOURCES, Fusion, GuardPipeline, GuardResult, SignalResult
 from service.signals import REGISTRY
 
 # Percentile levels of the fusion tables; above the last one an exponential tail takes over (service.guard.Fusion).
@@ -160,10 +160,8 @@ def calibrate(
         runs = guard.run_chunked(stamped)
         run = GuardResult.concat(runs)
         flagged = np.ones(len(victims), bool)  # every stand-in as if flagged: which source gives the true label
-        for source in SOURCES if run.repaired is not None else ("restored",):
-            chosen, _ = trusted_labels(run.original, label_source(source, run.restored, run.repaired), flagged,
-                                       guard.infected)  # fmt: skip
-            sources.setdefault(source, []).append(chosen == labels[victims])
+        for source in run.sources():
+            sources.setdefault(source, []).append(run.labels_from(source, flagged, guard.infected) == labels[victims])
         stand_in[str(label)] = {
             "images": len(victims),
             "fused_tpr": float(np.mean(np.concatenate([r.backdoor for r in runs]))),

@@ -70,20 +70,14 @@ def label_sources(
     """Each label source a flagged image can take its label from (service.guard.SOURCES; those the bundle can give),
     under the bundle's own verdicts and label policy: the triggered images' attacker's-label and true-label rates and
     the clean accuracy through the guard."""
-    from service.guard import SOURCES, GuardResult, label_source, trusted_labels
+    from service.guard import GuardResult
 
     guard = build_pipeline(bundle)
-    infected = guard.infected
     runs = {"clean": GuardResult.concat(guard.run_chunked(clean)),
             "triggered": GuardResult.concat(guard.run_chunked(triggered))}  # fmt: skip
     out = {}
-    for source in SOURCES:
-        if source != "restored" and runs["clean"].repaired is None:
-            continue
-        given = {
-            part: trusted_labels(r.original, label_source(source, r.restored, r.repaired), r.backdoor, infected)[0]
-            for part, r in runs.items()
-        }
+    for source in runs["clean"].sources():
+        given = {part: r.labels_from(source, r.backdoor, guard.infected) for part, r in runs.items()}
         out[source] = {
             "attack_success_after": rate(given["triggered"] == wanted),
             "triggered_true_label": rate(given["triggered"] == true),

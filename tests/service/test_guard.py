@@ -162,6 +162,30 @@ def test_a_suspected_image_never_gets_an_infected_label() -> None:
     np.testing.assert_array_equal(cornered, [1, 0, 0])
 
 
+def test_a_result_gives_the_labels_of_each_source_it_can() -> None:
+    """GuardResult.labels_from: the label policy over `label_source`, for calibration's and make cost's choice."""
+    from service.guard import SOURCES, GuardResult, Prediction, label_source, trusted_labels
+
+    def pred(p: list[list[float]]) -> Prediction:
+        return Prediction(np.log(np.array(p)), np.zeros((len(p), 1)))
+
+    original = pred([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    restored, repaired = pred([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7]]), pred([[0.5, 0.1, 0.4], [0.4, 0.5, 0.1]])
+    flat = np.zeros(2)
+    result = GuardResult(original, restored, np.zeros((2, 1, 2, 2)), {}, flat, flat > 0, flat, flat)
+    assert result.sources() == ("restored",)  # no repaired model ran: the restoration is the only source
+    result.repaired = repaired
+    assert result.sources() == SOURCES
+    flagged = np.array([True, True])
+    for source in SOURCES:
+        want, _ = trusted_labels(original, label_source(source, restored, repaired), flagged, [2])
+        np.testing.assert_array_equal(result.labels_from(source, flagged, [2]), want)
+    np.testing.assert_array_equal(result.labels_from("restored", flagged, [2]), [1, 0])
+    np.testing.assert_array_equal(result.labels_from("repaired", flagged, [2]), [1, 0])
+    np.testing.assert_array_equal(result.labels_from("repaired", flagged, []), [2, 0])
+    np.testing.assert_array_equal(result.labels_from("both", ~flagged, [2]), [0, 1])  # unflagged: their own
+
+
 def test_a_batch_run_in_chunks_equals_the_batch_run_whole() -> None:
     """Chunking bounds memory; it must not change a single number of any image's result."""
     x = RNG.random((11, 1, 28, 28)).astype(np.float32)
