@@ -153,6 +153,10 @@ class MicroBatcher:
 
     @staticmethod
     def _answer(batch: list[_Job], result: GuardResult) -> None:
+        if len(batch) == 1:  # the whole batch is one request's: nothing to split
+            if not batch[0].future.done():
+                batch[0].future.set_result(result)
+            return
         start = 0
         for job in batch:
             stop = start + len(job.images)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,12 @@ def providers(prefer_gpu: bool = True) -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
+def half_threads(threads: int) -> int:
+    """Intra-op threads of each `Bundle.small` session: half those of the others (`threads`, 0 = all cores), at
+    least one. On small batches the guard runs two models at a time (GuardPipeline's side thread)."""
+    return max(1, (threads or os.cpu_count() or 1) // 2)
+
+
 @dataclass
 class Bundle:
     """The verified bundle: ONNX Runtime sessions plus the arrays and settings the guard needs."""
@@ -99,6 +106,8 @@ class Bundle:
     # The manifest's other files (name -> bytes; not the ONNX models or the bank, loaded above) as hashed at load:
     # read them from here (a signal's reference), never from the path again
     verified: dict[str, bytes]
+    # the same models as `sessions`, as sessions of `half_threads` intra-op threads: small batches run two at a time
+    small: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, root: Path, threads: int = 0, prefer_gpu: bool = True, expected_digest: str | None = None) -> Bundle:
@@ -126,6 +135,8 @@ class Bundle:
             name: ort.InferenceSession(verified[name], options, providers=chosen)
             for name in (*ONNX_MODELS, *(m for m in OPTIONAL_MODELS if m in manifest["files"]))
         }
+        options.intra_op_num_threads = half_threads(threads)
+        small = {name: ort.InferenceSession(verified[name], options, providers=chosen) for name in sessions}
         bank = np.load(io.BytesIO(verified["strip_bank"]), allow_pickle=False)
         validate_manifest(manifest, {name: ModelIO.of(session) for name, session in sessions.items()}, bank)
         log.info(
@@ -134,7 +145,7 @@ class Bundle:
         )  # fmt: skip
         loaded = {*sessions, "strip_bank"}  # already in memory as sessions and the bank: not kept twice
         rest = {name: data for name, data in verified.items() if name not in loaded}
-        return cls(root, manifest, sessions, bank.astype(np.float32), digest, rest)
+        return cls(root, manifest, sessions, bank.astype(np.float32), digest, rest, small)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -181,29 +192,40 @@ def build_pipeline(
     avoid_infected: bool = True,
     signals: list[str] | None = None,
     early_exit: bool = True,
+    small: bool = True,
 ) -> GuardPipeline:
     """The guard over a bundle. calibrated=False leaves thresholds out (calibration itself needs that);
     avoid_infected=False gives suspected images their source's label, even an infected one; `signals` runs a
     subset of the bundle's signals (uncalibrated only: the fusion tables are fitted to the full set);
     early_exit=False runs all N STRIP overlays on every image (the same verdicts; exact STRIP evidence, which the
-    evaluation's per-signal figures need)."""
+    evaluation's per-signal figures need); small=False runs every batch as the large ones run, with no `small` twin
+    over Bundle.small's sessions for batches of at most SIDE_MAX_IMAGES images (the same results)."""
     from service.signals import REGISTRY
 
+    names = bundle.signal_names if signals is None else signals
+    if signals is not None and calibrated and set(signals) != set(bundle.signal_names):
+        raise ValueError("a subset of the signals has no calibrated fusion: build it with calibrated=False")
     thresholds = bundle.manifest.get("thresholds", {}) if calibrated else {}
     params = dict(bundle.manifest.get("signals", {}))
     if strip_n is not None:
         params["strip"] = {**params.get("strip", {}), "n": strip_n}
-    names = bundle.signal_names if signals is None else signals
-    if signals is not None and calibrated and set(signals) != set(bundle.signal_names):
-        raise ValueError("a subset of the signals has no calibrated fusion: build it with calibrated=False")
-    built = [
-        REGISTRY[name].from_bundle(bundle, params.get(name, {}), thresholds.get(name, {}).get("threshold"))
-        for name in names
-    ]
-    models = {s.model: bundle.classifier(s.model) for s in built if s.model != "classifier"}
     fusion = Fusion.from_manifest(thresholds["fused"]) if "fused" in thresholds else None
     infected = bundle.manifest["neural_cleanse"]["flagged_labels"] if avoid_infected else []
     source = thresholds.get("label_source", {}).get("source", "restored")  # chosen at calibration
     if "repaired" not in names:
         source = "restored"
-    return GuardPipeline(bundle.classify, built, fusion, infected, models=models, source=source, early_exit=early_exit)
+
+    def guard(sessions: Bundle, side_thread: bool, twin: GuardPipeline | None) -> GuardPipeline:
+        built = [
+            REGISTRY[name].from_bundle(sessions, params.get(name, {}), thresholds.get(name, {}).get("threshold"))
+            for name in names
+        ]
+        models = {s.model: sessions.classifier(s.model) for s in built if s.model != "classifier"}
+        return GuardPipeline(
+            sessions.classify, built, fusion, infected, models=models, source=source, early_exit=early_exit,
+            side_thread=side_thread, small=twin,
+        )  # fmt: skip
+
+    # small batches: the same guard over the half-core sessions, two models at a time
+    twin = guard(replace(bundle, sessions=bundle.small, small={}), True, None) if small and bundle.small else None
+    return guard(bundle, False, twin)

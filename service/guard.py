@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -70,6 +72,8 @@ class Fusion:
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"unknown fusion rule {self.rule!r}; choose from {RULES}")
+        if not 0 <= float(self.levels[-1]) < 1:  # the tail starts below 1: every surprise below it is finite
+            raise ValueError(f"fusion levels must end in [0, 1), not at {float(self.levels[-1])}")
 
     def percentile(self, name: str, score: np.ndarray) -> np.ndarray:
         return -np.expm1(-self.surprise(name, score))
@@ -79,17 +83,24 @@ class Fusion:
         table, top = self.quantiles[name], float(self.levels[-1])
         body = np.interp(score, table, self.levels, left=0.0)
         excess = np.maximum(score - table[-1], 0.0) / self.tail_scale[name]
-        with np.errstate(divide="ignore"):
-            return np.where(score > table[-1], -math.log1p(-top) + excess, -np.log1p(-np.minimum(body, top)))
+        return np.where(score > table[-1], -math.log1p(-top) + excess, -np.log1p(-np.minimum(body, top)))
+
+    def surprises(self, scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Signal name -> raw scores (every signal of the fusion) -> signal name -> surprises."""
+        return {name: self.surprise(name, scores[name]) for name in self.quantiles}
+
+    def fuse(self, surprises: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Every signal's surprises (`surprises`) -> fused scores in [0, 1]."""
+        parts = list(surprises.values())
+        total = np.max(parts, axis=0) if self.rule == "max" else np.sum(parts, axis=0)
+        return -np.expm1(-total)
 
     def score(self, results: Mapping[str, SignalResult]) -> np.ndarray:
         return self.combine({name: results[name].score for name in self.quantiles})
 
     def combine(self, scores: Mapping[str, np.ndarray]) -> np.ndarray:
         """Signal name -> raw scores (every signal of the fusion) -> fused scores in [0, 1]."""
-        surprises = [self.surprise(name, scores[name]) for name in self.quantiles]
-        total = np.max(surprises, axis=0) if self.rule == "max" else np.sum(surprises, axis=0)
-        return -np.expm1(-total)
+        return self.fuse(self.surprises(scores))
 
     @classmethod
     def from_manifest(cls, fused: Mapping[str, Any]) -> Fusion:
@@ -121,6 +132,8 @@ class GuardResult:
     confidence: np.ndarray  # (B,) its probability
     repaired: Prediction | None = None  # the repaired model's prediction, when the bundle has one
     source: str = "restored"  # where a flagged image's label comes from: restored, repaired or both
+    # signal -> (B,) its clean percentile (Fusion.percentile), as the fused verdict weighed it; empty without one
+    percentiles: dict[str, np.ndarray] = field(default_factory=dict)
 
     def take(self, sl: slice) -> GuardResult:
         """The results of images sl of the batch (micro-batching hands each request its own)."""
@@ -135,6 +148,7 @@ class GuardResult:
             self.confidence[sl],
             self.repaired.take(sl) if self.repaired is not None else None,
             self.source,
+            {k: v[sl] for k, v in self.percentiles.items()},
         )
 
     def sources(self) -> tuple[str, ...]:
@@ -179,6 +193,7 @@ class GuardResult:
             cat([p.confidence for p in parts]),
             prediction(repaired) if first.repaired is not None else None,
             first.source,
+            {name: cat([p.percentiles[name] for p in parts]) for name in first.percentiles},
         )
 
 
@@ -225,6 +240,13 @@ class NonFiniteScore(ValueError):
     defined here, free of FastAPI, because training runs this module without the serve extra."""
 
 
+def _timed(classify: Classify, images: np.ndarray) -> tuple[Prediction, float]:
+    """A model call on the side thread, with its duration (the stage metric is reported from the guard's thread)."""
+    start = time.perf_counter()
+    pred = Prediction(*classify(images))
+    return pred, time.perf_counter() - start
+
+
 def fail_closed(scores: Mapping[str, np.ndarray]) -> None:
     """Raise NonFiniteScore when any image has a non-finite score: NaN compares false with every threshold, so
     an image a signal could not score would otherwise come back clean, with the attacker's label."""
@@ -232,6 +254,13 @@ def fail_closed(scores: Mapping[str, np.ndarray]) -> None:
     if bad:
         where = ", ".join(f"{name} for image(s) {images}" for name, images in bad.items())
         raise NonFiniteScore(f"the guard could not score every image (non-finite {where}): no verdict")
+
+
+# The largest batch a pipeline hands to its `small` twin: the bundle's models on half the cores each (Bundle.small),
+# the second opinions (the repaired model, the expert) on a side thread beside the autoencoders and the classifier.
+# A one-off in-process timing on 2 cores (not a repo command): faster up to 4 images, slower from 8 on, where each
+# model's own intra-op threads keep the cores busy by themselves. make bench measures the service's latency.
+SIDE_MAX_IMAGES = 4
 
 
 class GuardPipeline:
@@ -247,6 +276,8 @@ class GuardPipeline:
         models: Mapping[str, Classify] | None = None,
         source: str = "restored",
         early_exit: bool = True,
+        side_thread: bool = False,
+        small: GuardPipeline | None = None,
     ) -> None:
         names = [s.name for s in signals]
         if "detrigger" not in names:
@@ -264,6 +295,12 @@ class GuardPipeline:
         self.infected = [int(t) for t in infected]  # labels a suspected image must not be given
         self.on_stage = on_stage  # where the time goes: (stage, seconds) after each stage of a batch
         self.early_exit = early_exit  # STRIP stops where no remaining overlay can change the verdict (`_staged`)
+        # side_thread: the models other than the classifier run on a thread of their own, beside the autoencoders
+        # and the classifier (each model then needs cores of its own: Bundle.small); else after the classifier.
+        self._side = ThreadPoolExecutor(1, thread_name_prefix="guard_side") if side_thread else None
+        # small: the same guard over other sessions of the same models, which runs batches of at most
+        # SIDE_MAX_IMAGES images (build_pipeline: Bundle.small's sessions, with a side thread)
+        self.small = small
 
     def _staged(self) -> StripSignal | None:
         """The STRIP signal to run in rounds: only with a fused verdict to decide, and more than one round."""
@@ -304,6 +341,10 @@ class GuardPipeline:
 
     def run(self, x: np.ndarray) -> GuardResult:
         """x: float32 (B, C, H, W) in [0, 1]."""
+        if self.small is not None and len(x) <= SIDE_MAX_IMAGES:
+            # what may be set on this pipeline after it was built (Runtime: the metrics, a threshold override)
+            self.small.on_stage, self.small.fusion = self.on_stage, self.fusion
+            return self.small.run(x)
         clock = time.perf_counter()
 
         def lap(stage: str) -> None:
@@ -313,35 +354,43 @@ class GuardPipeline:
             clock = now
 
         staged = self._staged()
-        extras = []
-        for s in self.signals:  # the autoencoders run here, and STRIP's blending (its first round when staged)
-            extras.append(staged.prepare_round(x, 0) if staged is not None and s is staged else s.prepare(x))
-            lap(f"{s.name}.prepare")
-        preds: dict[str, Prediction] = {}
-        original: Prediction | None = None
-        for model, classify in self.models.items():  # one call per model over every image it must classify
-            mine = [(s, e) for s, e in zip(self.signals, extras, strict=True) if s.model == model]
+        extras: dict[str, np.ndarray] = {}
+        calls: dict[str, tuple[list[Signal], int, Prediction | Future[tuple[Prediction, float]]]] = {}
+        # The classifier last: the other models' calls (the repaired model, the expert) go first, to the side
+        # thread where there is one, and run while the autoencoders and the classifier do.
+        for model in sorted(self.models, key=lambda m: m == "classifier"):
+            mine = [s for s in self.signals if s.model == model]
+            for s in mine:  # the autoencoders run here, and STRIP's blending (its first round when staged)
+                extras[s.name] = staged.prepare_round(x, 0) if s is staged else s.prepare(x)
+                lap(f"{s.name}.prepare")
             head = [x] if model == "classifier" else []
             if not mine and not head:
                 continue
-            everything = np.concatenate([*head, *(e for _, e in mine)])
+            everything = np.concatenate([*head, *(extras[s.name] for s in mine)])
             lap("concatenate")
-            pred = Prediction(*classify(everything))
-            lap("classifier" if model == "classifier" else model)
-            bounds = np.cumsum([len(head[0]) if head else 0, *(len(e) for _, e in mine)])
+            if model != "classifier" and self._side is not None:
+                calls[model] = (mine, len(head), self._side.submit(_timed, self.models[model], everything))
+            else:
+                calls[model] = (mine, len(head), Prediction(*self.models[model](everything)))
+                lap(model)
+        preds: dict[str, Prediction] = {}
+        original: Prediction | None = None
+        for model, (mine, first, call) in calls.items():  # one call per model over every image it must classify
+            if isinstance(call, Future):
+                pred, seconds = call.result()
+                self.on_stage(model, seconds)  # on the side thread: overlaps the stages around it
+            else:
+                pred = call
+            bounds = list(accumulate([first * len(x), *(len(extras[s.name]) for s in mine)]))
             if model == "classifier":
                 original = pred.take(slice(0, bounds[0]))
             preds.update(
-                {
-                    s.name: pred.take(slice(lo, hi))
-                    for (s, _), lo, hi in zip(mine, bounds[:-1], bounds[1:], strict=False)
-                }
+                {s.name: pred.take(slice(lo, hi)) for s, lo, hi in zip(mine, bounds[:-1], bounds[1:], strict=False)}
             )
+        lap("side_wait")
         assert original is not None
         results = {
-            s.name: s.evaluate(x, e, original, preds[s.name])
-            for s, e in zip(self.signals, extras, strict=True)
-            if s is not staged
+            s.name: s.evaluate(x, extras[s.name], original, preds[s.name]) for s in self.signals if s is not staged
         }
         if staged is not None:
             results[staged.name] = self._finish_strip(
@@ -349,10 +398,13 @@ class GuardPipeline:
             )
             results = {s.name: results[s.name] for s in self.signals}  # the signals' order
         scores = {name: r.score for name, r in results.items()}
+        percentiles: dict[str, np.ndarray] = {}
         if self.fusion is None:  # calibration's raw run: no fused score yet, by design
             score, backdoor = np.full(len(x), math.nan), np.zeros(len(x), bool)
         else:
-            score = scores["fused"] = self.fusion.score(results)
+            surprises = self.fusion.surprises(scores)
+            score = scores["fused"] = self.fusion.fuse(surprises)
+            percentiles = {name: -np.expm1(-v) for name, v in surprises.items()}
             backdoor = score > self.fusion.threshold
         fail_closed(scores)
         restored_images = results["detrigger"].images
@@ -363,8 +415,9 @@ class GuardPipeline:
         labels, confidence = trusted_labels(original, source, backdoor, self.infected)
         lap("signals_and_fusion")
         return GuardResult(
-            original, restored, restored_images, results, score, backdoor, labels, confidence, repaired, self.source
-        )
+            original, restored, restored_images, results, score, backdoor, labels, confidence, repaired, self.source,
+            percentiles,
+        )  # fmt: skip
 
     def run_chunked(self, x: np.ndarray, chunk: int = 256) -> list[GuardResult]:
         return [self.run(x[i : i + chunk]) for i in range(0, len(x), chunk)]

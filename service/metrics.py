@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
@@ -74,12 +76,19 @@ class Metrics:
         )
         self.ready = Gauge("guard_ready", "1 once the models are loaded and warmed up", registry=r)
         self.model = Info("guard_model", "The guarded model and its bundle", registry=r)
-        for verdict in ("backdoor", "clean"):  # export zeros from the start, so rates exist
-            self.images.labels(verdict=verdict)
-        for name in signals:
-            self.triggers.labels(signal=name)
-        if not signals:
-            self.images.labels(verdict="unguarded")
+        # Each labelled series looked up once (`labels` takes a lock and checks the labels on every call, per batch
+        # and stage); created here, they also export zeros from the start, so rates exist
+        verdicts = ("backdoor", "clean") if signals else ("unguarded",)
+        self._verdicts = {v: self.images.labels(verdict=v) for v in verdicts}
+        self._triggers = {name: self.triggers.labels(signal=name) for name in signals}
+        self._stages: dict[str, Any] = {}
+
+    def stage_seconds(self, stage: str, seconds: float) -> None:
+        """Time spent in a stage of the guard (GuardPipeline's on_stage)."""
+        child = self._stages.get(stage)
+        if child is None:
+            child = self._stages[stage] = self.stage.labels(stage=stage)
+        child.inc(seconds)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.images)
@@ -92,10 +101,10 @@ class Metrics:
             self.images.labels(verdict="unguarded").inc(len(result.labels))
             return
         n_backdoor = int(result.backdoor.sum())
-        self.images.labels(verdict="backdoor").inc(n_backdoor)
-        self.images.labels(verdict="clean").inc(len(result.backdoor) - n_backdoor)
+        self._verdicts["backdoor"].inc(n_backdoor)
+        self._verdicts["clean"].inc(len(result.backdoor) - n_backdoor)
         for name, signal in result.signals.items():
-            self.triggers.labels(signal=name).inc(int(signal.triggered.sum()))
+            self._triggers[name].inc(int(signal.triggered.sum()))
         for value in np.minimum(fused_surprise(result.score), FUSED_CAP):  # a score of 1 is past the cap
             self.fused.observe(float(value))
         if "strip" in result.signals:  # bundles that run STRIP (not the default since make cost dropped it)

@@ -94,7 +94,7 @@ class Runtime:
     def build(cls, settings: Settings, bundle: Bundle) -> Runtime:
         pipeline = pipeline_for(settings, bundle)
         metrics = Metrics([s.name for s in pipeline.signals])
-        pipeline.on_stage = lambda stage, seconds: metrics.stage.labels(stage=stage).inc(seconds)
+        pipeline.on_stage = metrics.stage_seconds
         chunk = settings.chunk_images or chunk_images(pipeline, bundle.strip_bank[:1])
         log.info("the guard runs at most %d images per call (GUARD_CHUNK_IMAGES)", chunk)
         batcher = MicroBatcher(

@@ -82,7 +82,11 @@ class Settings(BaseSettings):
         description="most images the guard runs through its models at once (bounds a batch's memory); "
         "0 = as many as make 144 rows over all the guard's models (every STRIP overlay counted), at least 8",
     )
-    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
+    ort_threads: int = Field(
+        0, ge=0,
+        description="ONNX Runtime intra-op threads of each model's session; 0 = all cores. Batches of at most 4 "
+        "images run on a second session of each model with half as many, two models at a time",
+    )  # fmt: skip
     prefer_gpu: bool = Field(True, description="use the CUDA provider when onnxruntime-gpu sees a GPU")
     api_key: SecretStr | None = Field(None, description="when set, /classify requires header X-API-Key")
     access_log: bool = Field(False, description="log every request (costly at high request rates)")

@@ -83,6 +83,19 @@ def test_headline_keys_and_the_bar_table() -> None:
     assert "batched_roofline_efficiency" not in bench.headline(old)  # a report from before the batched run
     assert "images per request" not in bench.render(old)
     assert h["passes_per_image_triggered"] == 4.0  # the triggered run is reported, never the headline
+    assert "| p50 single-image latency guarded <= 2x unguarded | 9.0 ms / 3.0 ms; 3.00x | **no** |" in text
+    # with alternating runs at concurrency 1, the p50s and their ratio are those pairs' medians
+    pairs = [
+        {"p50_guarded": g, "p50_unguarded": u, "p50_ratio": g / u} for g, u in ((2.4, 1.2), (2.5, 1.4), (3.0, 1.2))
+    ]
+    c1 = {"pairs": pairs, "median_p50_guarded": 2.5, "median_p50_unguarded": 1.2, "median_p50_ratio": 2.5 / 1.4}
+    paired = bench.headline({**r, "paired_c1": c1})
+    assert paired["p50_ms_c1_guarded"] == 2.5 and paired["p50_c1_ratio"] == pytest.approx(2.5 / 1.4)
+    assert (
+        "| p50 single-image latency guarded <= 2x unguarded (medians of 3 alternating pairs at concurrency 1; the "
+        "pairs' ratios 2.00, 1.79, 2.50) | 2.5 ms / 1.2 ms; 1.79x | yes |"
+        in bench.render({**r, **paired, "paired_c1": c1})
+    )
     assert "| on | triggered | 32 | 100 | 0 | 900.0 |" in text
     assert (
         "**12.50** per clean image, **4.00** per triggered one (kwon), against 34 with every overlay (STRIP N = 32)"

@@ -102,8 +102,7 @@ def _render(runtime: Runtime, result: GuardResult, names: list[str | None], with
     fusion = runtime.pipeline.fusion
     assert fusion is not None
     labels, confidence = result.labels, result.confidence
-    # each signal's clean percentiles for the whole batch at once (one interpolation per signal, not per image)
-    percentiles = {s.name: fusion.percentile(s.name, result.signals[s.name].score) for s in runtime.pipeline.signals}
+    percentiles = result.percentiles  # each signal's clean percentile, as the fused verdict weighed it
     out = []
     for i, name in enumerate(names):
         signals = {}

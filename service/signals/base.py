@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,22 +44,30 @@ def entropy_bits(probs: np.ndarray) -> np.ndarray:
     return -terms.sum(axis=-1)
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
 @dataclass(frozen=True)
 class Prediction:
+    """A model's output for a batch. probs, labels and confidence are computed once, on first use (each signal,
+    the label policy and the response read them), and read-only: a caller that needs to change one copies it."""
+
     logits: np.ndarray  # (B, C)
     features: np.ndarray  # (B, D), penultimate layer
 
-    @property
+    @cached_property
     def probs(self) -> np.ndarray:
-        return softmax(self.logits)
+        return _frozen(softmax(self.logits))
 
-    @property
+    @cached_property
     def labels(self) -> np.ndarray:
-        return self.logits.argmax(axis=1)
+        return _frozen(self.logits.argmax(axis=1))
 
-    @property
+    @cached_property
     def confidence(self) -> np.ndarray:
-        return self.probs.max(axis=1)
+        return _frozen(self.probs.max(axis=1))
 
     def take(self, sl: slice) -> Prediction:
         return Prediction(self.logits[sl], self.features[sl])

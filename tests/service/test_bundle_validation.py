@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -377,24 +376,27 @@ def test_a_fused_score_that_is_not_a_number_fails_the_batch() -> None:
         guard([0.5, 3.0, 1.0], fusion(tail_scale=NAN)).run(X)  # only image 1 reaches the tail
 
 
+class NaNOnWhite:
+    """An ONNX Runtime session of the de-trigger AE that restores an all-white image to NaN."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        restored = self.session.run(outputs, feed)
+        restored[0][(feed["images"] == 1).all(axis=(1, 2, 3))] = np.nan
+        return restored
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
 def detrigger_nan_on_white(settings: Settings) -> Bundle:
-    """The real bundle, but the de-trigger AE restores an all-white image to NaN: a signal it cannot compute."""
+    """The real bundle, but the de-trigger AE restores an all-white image to NaN: a signal it cannot compute. Both
+    its sessions (`small`: batches of a few images) break alike."""
     bundle = load_bundle(settings)
-    image_model = bundle.image_model
-
-    def broken(name: str) -> Callable[[np.ndarray], np.ndarray]:
-        model = image_model(name)
-        if name != "detrigger_ae":
-            return model
-
-        def restore(images: np.ndarray) -> np.ndarray:
-            restored = model(images)
-            restored[(images == 1).all(axis=(1, 2, 3))] = np.nan
-            return restored
-
-        return restore
-
-    bundle.image_model = broken  # type: ignore[method-assign]
+    for sessions in (bundle.sessions, bundle.small):
+        sessions["detrigger_ae"] = NaNOnWhite(sessions["detrigger_ae"])
     return bundle
 
 

@@ -38,3 +38,24 @@ def test_a_batch_in_chunks_gets_the_verdicts_it_gets_whole(strip: bool, request:
     np.testing.assert_array_equal(chunked.backdoor, whole.backdoor)
     np.testing.assert_array_equal(chunked.labels, whole.labels)
     np.testing.assert_allclose(chunked.score, whole.score, rtol=1e-5)
+
+
+def test_the_shipped_guard_answers_small_batches_as_it_answers_large_ones() -> None:
+    """Batches of at most SIDE_MAX_IMAGES run on the `small` twin, over Bundle.small's sessions (half the intra-op
+    threads, two models at a time); the verdicts, labels and scores are those of the bundle's own sessions."""
+    from service.guard import SIDE_MAX_IMAGES
+
+    bundle = Bundle.load(MODELS)
+    assert set(bundle.small) == set(bundle.sessions)
+    twin, alone = build_pipeline(bundle), build_pipeline(bundle, small=False)
+    assert twin.small is not None and alone.small is None
+    odd = 1 - bundle.strip_bank[:30]  # inverted images, some of which the guard flags
+    flagged = odd[alone.run_in_chunks(odd, 30).backdoor][:2]
+    x = np.concatenate([bundle.strip_bank[30:32], flagged])[:SIDE_MAX_IMAGES]
+    one, other = twin.run(x), alone.run(x)
+    assert one.backdoor.any() and not one.backdoor.all()
+    np.testing.assert_array_equal(one.backdoor, other.backdoor)
+    np.testing.assert_array_equal(one.labels, other.labels)
+    np.testing.assert_allclose(one.score, other.score, rtol=1e-5)
+    for name in ("repaired", "expert", "mahalanobis", "detrigger"):
+        np.testing.assert_allclose(one.signals[name].score, other.signals[name].score, rtol=1e-4, atol=1e-6)

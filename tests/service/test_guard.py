@@ -1,4 +1,5 @@
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -240,3 +241,116 @@ def test_fusion_rule_from_the_manifest_defaults_to_max_for_older_bundles() -> No
     assert Fusion.from_manifest({**fused, "rule": "fisher"}).rule == "fisher"
     with pytest.raises(ValueError, match="fusion rule"):
         Fusion.from_manifest({**fused, "rule": "mean"})
+
+
+def second_opinion_pipeline(
+    calls: list[tuple[str, int, str]], side_thread: bool = False, small: GuardPipeline | None = None, tag: str = ""
+) -> GuardPipeline:
+    """The linear pipeline with the repaired and expert signals; `calls` records which model classified how many
+    rows on which thread (each model's name, with `tag`)."""
+    import threading
+
+    from service.signals.expert import ExpertSignal
+    from service.signals.repaired import RepairedSignal
+
+    def model(name: str, corner: float) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        def classify(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            calls.append((name + tag, len(images), threading.current_thread().name))
+            seen = images.copy()
+            seen[:, :, :6, :6] *= corner  # the repaired model ignores the top-left corner
+            return linear_classify(seen)
+
+        return classify
+
+    signals = [DetriggerSignal(lambda x: x * 0.5), RepairedSignal(0.5), ExpertSignal(-0.1)]
+    names = [s.name for s in signals]
+    fusion = Fusion(
+        np.linspace(0, 0.9, 3), {n: np.array([-1.0, 0.0, 1.0]) for n in names}, dict.fromkeys(names, 1.0), 0.5
+    )
+    models = {"repaired_classifier": model("repaired", 0.0), "backdoor_expert": model("expert", 0.5)}
+    return GuardPipeline(model("classifier", 1.0), signals, fusion, models=models, side_thread=side_thread, small=small)
+
+
+def test_a_side_thread_runs_the_other_models_beside_the_classifier_with_the_same_results() -> None:
+    import threading
+
+    x = RNG.random((6, 1, 28, 28)).astype(np.float32)
+    x[:3, :, :6, :6] = 3.0  # a corner "trigger" on half of them
+    side_calls: list[tuple[str, int, str]] = []
+    plain_calls: list[tuple[str, int, str]] = []
+    beside = second_opinion_pipeline(side_calls, side_thread=True).run(x)
+    after = second_opinion_pipeline(plain_calls).run(x)
+    me = threading.current_thread().name
+    threads = {name: thread for name, _, thread in side_calls}
+    assert threads["classifier"] == me
+    assert threads["repaired"].startswith("guard_side") and threads["expert"].startswith("guard_side")
+    assert {thread for _, _, thread in plain_calls} == {me}  # without it, all on the caller's thread
+    assert sorted(side_calls) == sorted((*c[:2], threads[c[0]]) for c in plain_calls)  # the same calls, rows
+    assert beside.backdoor.any() and not beside.backdoor.all()
+    for field in ("score", "backdoor", "labels", "confidence"):
+        np.testing.assert_array_equal(getattr(beside, field), getattr(after, field))
+    for name in ("repaired", "expert"):
+        np.testing.assert_array_equal(beside.signals[name].score, after.signals[name].score)
+        np.testing.assert_array_equal(beside.percentiles[name], after.percentiles[name])
+    np.testing.assert_array_equal(beside.repaired.logits, after.repaired.logits)
+
+
+def test_small_batches_go_to_the_small_twin_with_what_was_set_on_the_pipeline() -> None:
+    """Batches of at most SIDE_MAX_IMAGES run on the `small` twin (build_pipeline: Bundle.small's sessions), larger
+    ones on the pipeline's own models; the metrics hook and a fusion set after building reach the twin too."""
+    from dataclasses import replace
+
+    from service.guard import SIDE_MAX_IMAGES
+
+    calls: list[tuple[str, int, str]] = []
+    twin = second_opinion_pipeline(calls, side_thread=True, tag=".small")
+    pipeline = second_opinion_pipeline(calls, small=twin)
+    stages: list[str] = []
+    pipeline.on_stage = lambda stage, seconds: stages.append(stage)
+    pipeline.fusion = replace(pipeline.fusion, threshold=1.0)  # nothing can pass it (GUARD_FUSED_THRESHOLD)
+    for n in (1, SIDE_MAX_IMAGES, SIDE_MAX_IMAGES + 1):
+        calls.clear()
+        stages.clear()
+        result = pipeline.run(RNG.random((n, 1, 28, 28)).astype(np.float32))
+        small = n <= SIDE_MAX_IMAGES
+        assert {name.endswith(".small") for name, _, _ in calls} == {small}
+        assert "classifier" in stages and "repaired_classifier" in stages
+        assert not result.backdoor.any() and len(result.labels) == n
+
+
+def test_a_side_model_that_fails_fails_the_batch() -> None:
+    """A model on the side thread that raises, or answers NaN, gives no verdict: the error reaches the caller."""
+    from service.guard import NonFiniteScore
+
+    x = RNG.random((2, 1, 28, 28)).astype(np.float32)
+    pipeline = second_opinion_pipeline([], side_thread=True)
+
+    def broken(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise RuntimeError("the side session died")
+
+    pipeline.models["backdoor_expert"] = broken
+    with pytest.raises(RuntimeError, match="side session died"):
+        pipeline.run(x)
+    pipeline.models["backdoor_expert"] = lambda images: (
+        np.full((len(images), 10), np.nan),
+        np.zeros((len(images), 16)),
+    )
+    with pytest.raises(NonFiniteScore, match="expert"):
+        pipeline.run(x)
+
+
+def test_a_prediction_computes_its_probabilities_once_and_they_are_read_only() -> None:
+    from service.guard import Prediction
+
+    p = Prediction(np.array([[0.0, 1.0], [2.0, 0.0]]), np.zeros((2, 1)))
+    assert p.probs is p.probs and p.labels is p.labels and p.confidence is p.confidence
+    np.testing.assert_allclose(p.probs, softmax(p.logits))
+    with pytest.raises(ValueError, match="read-only"):
+        p.probs[0, 0] = 1.0  # a cached array shared by every reader: nobody may change it in place
+    with pytest.raises(ValueError, match="read-only"):
+        p.labels[0] = 0
+
+
+def test_fusion_levels_must_end_below_one() -> None:
+    with pytest.raises(ValueError, match=r"end in \[0, 1\)"):
+        Fusion(np.array([0.0, 1.0]), {"a": np.array([0.0, 1.0])}, {"a": 1.0}, threshold=0.5)
