@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(64, ge=1, le=4096, description="most images in one guarded batch")
     # 0 by default: a batch takes the images queued when the guard is free, and under load they queue while the
     # previous batch runs. With a 2 ms wait (the first default) make bench measured single-image p50 6.3 ms
-    # guarded and 3.6 ms off (commit a3ef997), without it 2.8 and 1.2, and the same share of the unguarded
-    # throughput at concurrency 32 (55% and 56%): README, "Headlines of the benchmark".
+    # guarded and 3.6 ms off (commit a3ef997), without it 2.8 and 1.2 (commit 87e5719), and the same share of
+    # the unguarded throughput at concurrency 32 (55% and 56%).
     max_delay_ms: float = Field(
         0.0, ge=0.0, le=1000.0, description="longest wait for more images to fill a batch, ms (0: none)"
     )
