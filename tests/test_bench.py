@@ -83,6 +83,9 @@ def test_headline_keys_and_the_bar_table() -> None:
     assert "batched_roofline_efficiency" not in bench.headline(old)  # a report from before the batched run
     assert "images per request" not in bench.render(old)
     assert h["passes_per_image_triggered"] == 4.0  # the triggered run is reported, never the headline
+    # 500 unguarded images/s (2 ms each) and a 500 images/s roofline (2 ms): 4 ms an image, 250 images/s
+    assert h["serial_bound_images_per_s"] == pytest.approx(250.0) and h["share_of_serial_bound"] == pytest.approx(1.2)
+    assert "the classifier pass counted in both) | 250.0 | **1.20** |" in text
     assert "| p50 single-image latency guarded <= 2x unguarded | 9.0 ms / 3.0 ms; 3.00x | **no** |" in text
     # with alternating runs at concurrency 1, the p50s and their ratio are those pairs' medians
     pairs = [
