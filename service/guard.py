@@ -387,7 +387,8 @@ class GuardPipeline:
             preds.update(
                 {s.name: pred.take(slice(lo, hi)) for s, lo, hi in zip(mine, bounds[:-1], bounds[1:], strict=False)}
             )
-        lap("side_wait")
+        if self._side is not None:
+            lap("side_wait")  # what the other models' calls still took after the classifier's
         assert original is not None
         results = {
             s.name: s.evaluate(x, extras[s.name], original, preds[s.name]) for s in self.signals if s is not staged
