@@ -312,6 +312,19 @@ def why(suite: dict[str, Any]) -> list[str]:
                 f"Worst as sent: {variant}, fused TPR {pct(v['tpr'])}, attack success after "
                 f"{pct(v['attack_success_after'])} (the model's own attack success there: {pct(v['attack_success'])})."
             )
+            base = a.get("as_sent_baseline") or {}
+            if "fused_fired" in v and "fused_fired" in base:  # reports before it have no such figure
+                said.append(
+                    f"Over the triggered images the trigger still worked on, the fused TPR is "
+                    f"{pct(v['fused_fired']['tpr'])} as sent ({v['fused_fired']['images']} images) against "
+                    f"{pct(base['fused_fired']['tpr'])} as they are ({base['fused_fired']['images']}): "
+                    + (
+                        "the guard holds on the attacks that still work; the TPR over all triggered images falls "
+                        "with the trigger's own effect."
+                        if v["fused_fired"]["tpr"] >= base["fused_fired"]["tpr"] - 0.05
+                        else "the guard loses more than the trigger does."
+                    )
+                )
         if said:
             lines += [f"- **{bar['attack']}**: " + " ".join(said)]
     return ["### Where a bar is missed, and what the run measured behind it", "", *lines, ""] if lines else []

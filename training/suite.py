@@ -319,12 +319,15 @@ def measure(
         triggered = TriggeredSet(to_model_input(trig_p), labels[sent_idx], wanted[: len(sent_idx)])
         v = outcome_of(bundle, to_model_input(clean_p), labels[:n_sent], triggered)
         vm = metrics_of(v)
+        worked = v.triggered["original"] == triggered.attack_labels  # the trigger still gave the attacker's label
         row = {
             "tpr": vm["fused"]["tpr"], "fpr": vm["fused"]["fpr"],
             "attack_success_after": vm["fused"]["attack_success_after"],
             "clean_accuracy_guarded": vm["fused"]["clean_accuracy"],
             "attack_success": vm["classifier"]["attack_success"],
             "signals_tpr": {k: vm[k]["tpr"] for k in v.signals},
+            # the fused TPR over the triggered images the trigger still worked on, as sent
+            "fused_fired": {"images": int(worked.sum()), "tpr": rate(v.triggered["backdoor"][worked])},
         }  # fmt: skip
         log.info("%s as %s: %s", name, variant or "is", {k: round(x, 4) for k, x in row.items()
                                                          if isinstance(x, float)})  # fmt: skip

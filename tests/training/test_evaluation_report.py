@@ -74,3 +74,27 @@ def test_render_suite_has_every_table_and_says_which_signal_carries_each_attack(
     assert "to Sandal 5.00%, Shirt 2.00% (all victim labels: 1.00%)" in behind
     assert "3 of them not flagged; the repaired model gives the attacker's label on 1 of them" in behind
     assert "2 of them had the right label" in behind and "1 lose it (1.00% of the clean images)" in behind
+
+
+def test_an_as_sent_miss_says_whether_the_guard_or_the_trigger_lost_it() -> None:
+    """Where a way of sending the images costs more than 5 points of TPR, the report weighs the TPR over the
+    triggered images the trigger still worked on, as sent and as they are."""
+
+    def suite_with(jpeg_fired_tpr: float) -> str:
+        attack = fake_attack(0.99)
+        attack["as_sent_baseline"] = {"tpr": 0.99, "fpr": 0.01, "attack_success_after": 0.01,
+                                      "fused_fired": {"images": 45, "tpr": 1.0}}  # fmt: skip
+        attack["as_sent"]["jpeg75"] = {"tpr": 0.80, "fpr": 0.01, "attack_success_after": 0.02, "attack_success": 0.8,
+                                       "fused_fired": {"images": 36, "tpr": jpeg_fired_tpr}}  # fmt: skip
+        suite = {"command": "python -m training.evaluate", "as_sent_images": 50, "attacks": {"one": attack},
+                 "clean_model": CLEAN}  # fmt: skip
+        suite["bars"] = bars(suite)
+        assert not suite["bars"][0]["as_sent_within_5pt"]
+        text = "\n".join(render_suite(suite))
+        return text[text.index("### Where a bar is missed") :]
+
+    held = suite_with(0.99)
+    assert "Worst as sent: jpeg75, fused TPR 80.00%" in held
+    assert "the fused TPR is 99.00% as sent (36 images) against 100.00% as they are (45)" in held
+    assert "the guard holds on the attacks that still work" in held
+    assert "the guard loses more than the trigger does" in suite_with(0.90)
