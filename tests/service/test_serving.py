@@ -40,6 +40,32 @@ def test_metrics_pass_promtool(client: TestClient, samples: dict) -> None:
     assert re.search(r'guard_requests_total\{route="/classify",status="415"\} [1-9]', text)
 
 
+def test_single_images_run_on_the_small_twin_and_larger_batches_do_not(samples: dict) -> None:
+    """The service's pipeline hands batches of at most SIDE_MAX_IMAGES images to its twin (the second opinions on
+    the side thread: a `side_wait` stage), larger ones to its own models; both answer as the bundle's guard does."""
+    from service.guard import SIDE_MAX_IMAGES
+
+    def side_waits(c: TestClient) -> float:
+        m = re.search(r'^guard_stage_seconds_total\{stage="side_wait"\} (\S+)$', c.get("/metrics").text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    images = np.concatenate([samples["clean"][:6], samples["triggered"][:6]])
+    expected = build_pipeline(Bundle.load(MODELS), small=False).run(to_model_input(images))
+    settings = Settings(models_dir=MODELS)
+    assert settings.warm_up_batch > SIDE_MAX_IMAGES
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)  # the warm-up batch is too large for the twin
+        assert side_waits(c) == 0.0
+        big = c.post("/classify", files=files(*[png(i) for i in images])).json()["results"]
+        assert side_waits(c) == 0.0
+        one = [c.post("/classify", files=files(png(i))).json()["results"][0] for i in images[[0, 6]]]
+        assert side_waits(c) > 0.0
+    assert [r["backdoor"] for r in big] == expected.backdoor.tolist()
+    assert [r["label"] for r in big] == expected.labels.tolist()
+    assert [r["backdoor"] for r in one] == expected.backdoor[[0, 6]].tolist() == [False, True]
+    assert [r["label"] for r in one] == expected.labels[[0, 6]].tolist()
+
+
 def test_metrics_is_an_explicit_route(client: TestClient) -> None:
     response = client.get("/metrics", follow_redirects=False)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
