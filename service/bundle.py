@@ -89,9 +89,11 @@ def providers(prefer_gpu: bool = True) -> list[str]:
 
 
 def half_threads(threads: int) -> int:
-    """Intra-op threads of each `Bundle.small` session: half those of the others (`threads`, 0 = all cores), at
-    least one. On small batches the guard runs two models at a time (GuardPipeline's side thread)."""
-    return max(1, (threads or os.cpu_count() or 1) // 2)
+    """Intra-op threads of each `Bundle.small` session: half those of the others (`threads`; 0 = all the cores this
+    process may run on), at least one. On small batches the guard runs two models at a time (GuardPipeline's side
+    thread)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, (threads or cores) // 2)
 
 
 @dataclass

@@ -59,3 +59,13 @@ def test_the_shipped_guard_answers_small_batches_as_it_answers_large_ones() -> N
     np.testing.assert_allclose(one.score, other.score, rtol=1e-5)
     for name in ("repaired", "expert", "mahalanobis", "detrigger"):
         np.testing.assert_allclose(one.signals[name].score, other.signals[name].score, rtol=1e-4, atol=1e-6)
+
+
+def test_the_small_sessions_get_half_the_threads() -> None:
+    import os
+
+    from service.bundle import half_threads
+
+    assert half_threads(2) == 1 and half_threads(1) == 1 and half_threads(8) == 4
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert half_threads(0) == max(1, cores // 2)  # 0: every core this process may run on
