@@ -650,10 +650,10 @@ def render(r: dict[str, Any]) -> str:
         f"Mean batch size over all the guarded runs: {r['stages']['mean_batch_size']:.1f} images.",
         *(
             [
-                f"On batches of at most {SIDE_MAX_IMAGES} images (service.guard.SIDE_MAX_IMAGES) the models other "
-                "than the classifier "
-                "run on a side thread, beside the autoencoder and the classifier: their stages overlap the others "
-                "there, and `side_wait` is what the guard's thread still waited for them after its classifier call.",
+                f"Batches of at most {SIDE_MAX_IMAGES} images (service.guard.SIDE_MAX_IMAGES) run on the guard's "
+                "twin over sessions with half the intra-op threads, the models other than the classifier on a side "
+                "thread beside the autoencoder and the classifier: their stages overlap the others there, and "
+                "`side_wait` is what the guard's thread still waited for them after its classifier call.",
             ]
             if "side_wait" in r["stages"]
             else []
