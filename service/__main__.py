@@ -44,14 +44,15 @@ def serve(settings: Settings) -> None:
 
 def verify(settings: Settings) -> None:
     """Check the bundle as the service will run it: hashes, manifest values, the GUARD_BUNDLE_SHA256 pin,
-    sessions, one guarded batch. Print its root digest; exit 1 with one line if anything fails."""
+    sessions, the warm-up batches. Print its root digest; exit 1 with one line if anything fails."""
     from service.app import load_bundle
     from service.bundle import BundleError
     from service.runtime import Runtime, check_warm_up
 
     try:
         runtime = Runtime.build(settings, load_bundle(settings))  # the service's own loading and pipeline
-        check_warm_up(runtime.pipeline.run(runtime.warm_up_images()))
+        for images in runtime.warm_up_batches():
+            check_warm_up(runtime.pipeline.run(images))
     except (BundleError, OSError, ValueError) as err:  # ValueError includes the guard's NonFiniteScore
         sys.stderr.write(f"backdoor-guard: bundle {settings.models_dir} failed verification: {err}\n")
         raise SystemExit(1) from None

@@ -438,6 +438,7 @@ class PlainPipeline(GuardPipeline):
     def __init__(self, classify: Classify, on_stage: Callable[[str, float], None] = lambda stage, s: None) -> None:
         self.classify, self.signals, self.fusion, self.on_stage = classify, [], None, on_stage
         self.models, self.source, self.infected = {"classifier": classify}, "original", []
+        self.small = None
 
     def run(self, x: np.ndarray) -> GuardResult:
         start = time.perf_counter()

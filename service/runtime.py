@@ -14,7 +14,7 @@ from service.admission import Decoder
 from service.batcher import MicroBatcher
 from service.bundle import Bundle, build_pipeline, check_digest
 from service.errors import NotReady
-from service.guard import GuardPipeline, GuardResult, PlainPipeline
+from service.guard import SIDE_MAX_IMAGES, GuardPipeline, GuardResult, PlainPipeline
 from service.manifest import strip_calibrated
 from service.metrics import Metrics
 from service.settings import Settings
@@ -122,10 +122,19 @@ class Runtime:
         """The warm-up batch: a few clean images of the STRIP bank, float32 (B, 1, H, W)."""
         return self.bundle.strip_bank[: self.settings.warm_up_batch]
 
+    def warm_up_batches(self) -> list[np.ndarray]:
+        """What must pass before the service is ready: the warm-up batch, and where the guard runs small batches on
+        its twin (GuardPipeline.small: other sessions) and the warm-up batch does not reach it, one image too, so
+        that the first single-image request neither meets cold sessions nor finds them broken."""
+        batch = self.warm_up_images()
+        twin = self.pipeline.small is not None and len(batch) > SIDE_MAX_IMAGES
+        return [batch, batch[:1]] if twin else [batch]
+
     async def warm_up(self) -> None:
-        """One guarded batch through the real path; ready only if it comes back finite."""
+        """The warm-up batches through the real path; ready only if every one comes back finite."""
         try:
-            check_warm_up(await self.batcher.submit(self.warm_up_images()))
+            for images in self.warm_up_batches():
+                check_warm_up(await self.batcher.submit(images))
         except asyncio.CancelledError:
             raise
         except Exception as err:  # reported by /v2/health/ready

@@ -280,7 +280,34 @@ def test_overload_is_503_not_an_unbounded_queue(samples: dict) -> None:
         loader.gate.set()
         fits.join(timeout=30)
         assert answers == [200]
-        assert runtime.batcher.pending == 0
+        wait_for(lambda: runtime.batcher.pending == 0)  # and the warm-up's single image, for the twin
+
+
+def test_not_ready_while_the_small_batch_twin_cannot_answer() -> None:
+    """The warm-up runs one image through the twin too (other sessions of the same models): where that path gives
+    no finite verdict, the service stays not ready, though the 8-image batch passed on the bundle's own sessions."""
+
+    class NaNs:
+        def __init__(self, session: Any) -> None:
+            self.session = session
+
+        def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return [np.full_like(out, np.nan) for out in self.session.run(outputs, feed)]
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.session, name)
+
+    def broken_twin(settings: Settings) -> Bundle:
+        bundle = load_bundle(settings)
+        bundle.small["backdoor_expert"] = NaNs(bundle.small["backdoor_expert"])
+        return bundle
+
+    with TestClient(create_app(Settings(models_dir=MODELS), broken_twin)) as c:
+        runtime = c.app.state.runtime  # type: ignore[attr-defined]
+        wait_for(lambda: runtime.warmup_error is not None)
+        assert "expert" in runtime.warmup_error and not runtime.ready
+        response = c.get("/v2/health/ready")
+        assert response.status_code == 503
 
 
 def test_refuses_to_start_on_a_tampered_bundle(tmp_path: Path) -> None:

@@ -54,12 +54,13 @@ def test_single_images_run_on_the_small_twin_and_larger_batches_do_not(samples: 
     settings = Settings(models_dir=MODELS)
     assert settings.warm_up_batch > SIDE_MAX_IMAGES
     with TestClient(create_app(settings)) as c:
-        wait_ready(c)  # the warm-up batch is too large for the twin
-        assert side_waits(c) == 0.0
+        wait_ready(c)  # the warm-up batch is too large for the twin: a single image of the warm-up warmed it
+        warmed = side_waits(c)
+        assert warmed > 0.0
         big = c.post("/classify", files=files(*[png(i) for i in images])).json()["results"]
-        assert side_waits(c) == 0.0
+        assert side_waits(c) == warmed
         one = [c.post("/classify", files=files(png(i))).json()["results"][0] for i in images[[0, 6]]]
-        assert side_waits(c) > 0.0
+        assert side_waits(c) > warmed
     assert [r["backdoor"] for r in big] == expected.backdoor.tolist()
     assert [r["label"] for r in big] == expected.labels.tolist()
     assert [r["backdoor"] for r in one] == expected.backdoor[[0, 6]].tolist() == [False, True]
