@@ -100,6 +100,11 @@ def test_headline_keys_and_the_bar_table() -> None:
         in bench.render({**r, **paired, "paired_c1": c1})
     )
     assert "| on | triggered | 32 | 100 | 0 | 900.0 |" in text
+    assert "| off | clean | 1 | 100 | 0 | 400.0 | 3.0 | 3.0 | 3.0 | 1.0 | — |" in text  # a report before the column
+    with_compute = {**r, "service": [{**run, "compute_ms_per_image": 1.25} for run in r["service"]]}
+    assert "| on | clean | 1 | 100 | 0 | 100.0 | 9.0 | 9.0 | 9.0 | 1.0 | 1.25 |" in bench.render(
+        {**with_compute, "suite": suite}
+    )
     assert (
         "**12.50** per clean image, **4.00** per triggered one (kwon), against 34 with every overlay (STRIP N = 32)"
         in text
