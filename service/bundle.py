@@ -90,10 +90,10 @@ def providers(prefer_gpu: bool = True) -> list[str]:
 
 def half_threads(threads: int) -> int:
     """Intra-op threads of each `Bundle.small` session: half those of the others (`threads`; 0 = all the cores this
-    process may run on), at least one. On small batches the guard runs two models at a time (GuardPipeline's side
-    thread)."""
+    process may run on). On small batches the guard runs two models at a time (GuardPipeline's side thread); 0
+    where the others have a single thread: two models at a time would then take two cores where one was given."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, (threads or cores) // 2)
+    return (threads or cores) // 2
 
 
 @dataclass
@@ -109,6 +109,7 @@ class Bundle:
     # read them from here (a signal's reference), never from the path again
     verified: dict[str, bytes]
     # the same models as `sessions`, as sessions of `half_threads` intra-op threads: small batches run two at a time
+    # (none where `sessions` have a single thread: no twin, every batch on `sessions`)
     small: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -137,8 +138,10 @@ class Bundle:
             name: ort.InferenceSession(verified[name], options, providers=chosen)
             for name in (*ONNX_MODELS, *(m for m in OPTIONAL_MODELS if m in manifest["files"]))
         }
-        options.intra_op_num_threads = half_threads(threads)
-        small = {name: ort.InferenceSession(verified[name], options, providers=chosen) for name in sessions}
+        small = {}
+        if half_threads(threads):
+            options.intra_op_num_threads = half_threads(threads)
+            small = {name: ort.InferenceSession(verified[name], options, providers=chosen) for name in sessions}
         bank = np.load(io.BytesIO(verified["strip_bank"]), allow_pickle=False)
         validate_manifest(manifest, {name: ModelIO.of(session) for name, session in sessions.items()}, bank)
         log.info(

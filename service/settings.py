@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     ort_threads: int = Field(
         0, ge=0,
         description="ONNX Runtime intra-op threads of each model's session; 0 = all cores. Batches of at most 4 "
-        "images run on a second session of each model with half as many, two models at a time",
+        "images run on a second session of each model with half as many, two models at a time (none with 1 thread)",
     )  # fmt: skip
     prefer_gpu: bool = Field(True, description="use the CUDA provider when onnxruntime-gpu sees a GPU")
     api_key: SecretStr | None = Field(None, description="when set, /classify requires header X-API-Key")

@@ -45,7 +45,7 @@ def test_the_shipped_guard_answers_small_batches_as_it_answers_large_ones() -> N
     threads, two models at a time); the verdicts, labels and scores are those of the bundle's own sessions."""
     from service.guard import SIDE_MAX_IMAGES
 
-    bundle = Bundle.load(MODELS)
+    bundle = Bundle.load(MODELS, threads=2)  # two intra-op threads: a twin of one each, on any machine
     assert set(bundle.small) == set(bundle.sessions)
     twin, alone = build_pipeline(bundle), build_pipeline(bundle, small=False)
     assert twin.small is not None and alone.small is None
@@ -61,11 +61,14 @@ def test_the_shipped_guard_answers_small_batches_as_it_answers_large_ones() -> N
         np.testing.assert_allclose(one.signals[name].score, other.signals[name].score, rtol=1e-4, atol=1e-6)
 
 
-def test_the_small_sessions_get_half_the_threads() -> None:
+def test_the_small_sessions_get_half_the_threads_and_one_thread_gets_no_twin() -> None:
     import os
 
     from service.bundle import half_threads
 
-    assert half_threads(2) == 1 and half_threads(1) == 1 and half_threads(8) == 4
+    assert half_threads(2) == 1 and half_threads(3) == 1 and half_threads(8) == 4
+    assert half_threads(1) == 0  # one thread given: no second set of sessions
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert half_threads(0) == max(1, cores // 2)  # 0: every core this process may run on
+    assert half_threads(0) == cores // 2  # 0: every core this process may run on
+    one = Bundle.load(MODELS, threads=1)
+    assert one.small == {} and build_pipeline(one).small is None  # GUARD_ORT_THREADS=1: every batch as the large

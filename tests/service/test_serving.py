@@ -51,7 +51,7 @@ def test_single_images_run_on_the_small_twin_and_larger_batches_do_not(samples: 
 
     images = np.concatenate([samples["clean"][:6], samples["triggered"][:6]])
     expected = build_pipeline(Bundle.load(MODELS), small=False).run(to_model_input(images))
-    settings = Settings(models_dir=MODELS)
+    settings = Settings(models_dir=MODELS, ort_threads=2)  # a twin of one thread each, on any machine
     assert settings.warm_up_batch > SIDE_MAX_IMAGES
     with TestClient(create_app(settings)) as c:
         wait_ready(c)  # the warm-up batch is too large for the twin: a single image of the warm-up warmed it
