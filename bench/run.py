@@ -473,6 +473,7 @@ def headline(r: dict[str, Any]) -> dict[str, float]:
     )
     roof, paired, batched = r["roofline"], r["paired_c32"], r.get("paired_batched")
     on = paired["median_guarded"]
+    bound = serial_bound(paired["median_unguarded"], roof["guarded_images_per_s"])
     many = {}
     if batched:  # clients sending several images per request (older reports have no such run)
         many = {
@@ -504,8 +505,8 @@ def headline(r: dict[str, Any]) -> dict[str, float]:
         "in_process_over_art_strip_n32": r["in_process"]["256"] / r["art_n32"]["images_per_s"],
         # The HTTP stack and the guard share the cores: an image costs the unguarded service's time per image plus
         # the guard's roofline time (its classifier pass counted in both), so the service can reach at most this
-        "serial_bound_images_per_s": serial_bound(paired["median_unguarded"], roof["guarded_images_per_s"]),
-        "share_of_serial_bound": on / serial_bound(paired["median_unguarded"], roof["guarded_images_per_s"]),
+        "serial_bound_images_per_s": bound,
+        "share_of_serial_bound": on / bound,
         "p50_ms_c1_guarded": p50_on,
         "p50_ms_c1_unguarded": p50_off,
         "p50_c1_ratio": c1["median_p50_ratio"] if c1 else p50_on / p50_off,

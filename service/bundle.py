@@ -139,8 +139,8 @@ class Bundle:
             for name in (*ONNX_MODELS, *(m for m in OPTIONAL_MODELS if m in manifest["files"]))
         }
         small = {}
-        if half_threads(threads):
-            options.intra_op_num_threads = half_threads(threads)
+        if half := half_threads(threads):
+            options.intra_op_num_threads = half
             small = {name: ort.InferenceSession(verified[name], options, providers=chosen) for name in sessions}
         bank = np.load(io.BytesIO(verified["strip_bank"]), allow_pickle=False)
         validate_manifest(manifest, {name: ModelIO.of(session) for name, session in sessions.items()}, bank)

@@ -75,8 +75,13 @@ class Fusion:
         if not 0 <= float(self.levels[-1]) < 1:  # the tail starts below 1: every surprise below it is finite
             raise ValueError(f"fusion levels must end in [0, 1), not at {float(self.levels[-1])}")
 
+    @staticmethod
+    def to_percentile(surprise: np.ndarray) -> np.ndarray:
+        """A surprise -log(1 - p) back to p: a signal's clean percentile, or the fused score from the fused one."""
+        return -np.expm1(-surprise)
+
     def percentile(self, name: str, score: np.ndarray) -> np.ndarray:
-        return -np.expm1(-self.surprise(name, score))
+        return self.to_percentile(self.surprise(name, score))
 
     def surprise(self, name: str, score: np.ndarray) -> np.ndarray:
         """-log(1 - percentile), computed without rounding the far tail to infinity."""
@@ -92,8 +97,7 @@ class Fusion:
     def fuse(self, surprises: Mapping[str, np.ndarray]) -> np.ndarray:
         """Every signal's surprises (`surprises`) -> fused scores in [0, 1]."""
         parts = list(surprises.values())
-        total = np.max(parts, axis=0) if self.rule == "max" else np.sum(parts, axis=0)
-        return -np.expm1(-total)
+        return self.to_percentile(np.max(parts, axis=0) if self.rule == "max" else np.sum(parts, axis=0))
 
     def score(self, results: Mapping[str, SignalResult]) -> np.ndarray:
         return self.combine({name: results[name].score for name in self.quantiles})
@@ -405,7 +409,7 @@ class GuardPipeline:
         else:
             surprises = self.fusion.surprises(scores)
             score = scores["fused"] = self.fusion.fuse(surprises)
-            percentiles = {name: -np.expm1(-v) for name, v in surprises.items()}
+            percentiles = {name: self.fusion.to_percentile(v) for name, v in surprises.items()}
             backdoor = score > self.fusion.threshold
         fail_closed(scores)
         restored_images = results["detrigger"].images

@@ -98,7 +98,7 @@ class Metrics:
 
     def observe_result(self, result: GuardResult) -> None:
         if not result.signals:  # the guard off (GUARD_SIGNALS=none): no verdict to count
-            self.images.labels(verdict="unguarded").inc(len(result.labels))
+            self._verdicts["unguarded"].inc(len(result.labels))
             return
         n_backdoor = int(result.backdoor.sum())
         self._verdicts["backdoor"].inc(n_backdoor)
