@@ -92,7 +92,7 @@ DATA_KEY_FIELDS = ("dataset", "data_dir", "calibration_size", "seed")  # DataCon
 # DataConfig's later fields (a user's own data) did nothing at their defaults.
 ADDED_LATER: dict[str, dict[str, Any]] = {
     "data": {k: v for k, v in to_jsonable(DataConfig()).items() if k not in DATA_KEY_FIELDS},
-    "repair": {"distill": 0.0, "distill_temperature": 1.0, "mixup": 0.0},
+    "repair": {"distill": 0.0, "distill_temperature": 1.0, "mixup": 0.0, "tune_layers": 0},
 }
 
 

@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from training.classifier import ClassifierConfig, build_classifier, train_classifier
-from training.repair import RepairConfig, accuracy, distillation, prune_dormant, repair, universal_perturbation
+from training.repair import (
+    RepairConfig,
+    accuracy,
+    distillation,
+    prune_dormant,
+    repair,
+    tuned_parameters,
+    universal_perturbation,
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +102,43 @@ def test_distillation_loss_is_zero_for_the_teachers_own_logits_and_positive_othe
     logits = torch.randn(8, 10)
     assert float(distillation(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
     assert float(distillation(torch.zeros(8, 10), logits, 2.0)) > 0
+
+
+@pytest.mark.parametrize(
+    ("arch", "k", "first"),
+    [
+        ("kwon-cnn", 1, "head.1.weight"),
+        ("kwon-cnn", 3, "fc.1.weight"),  # every dense layer after the convolutions
+        ("cao-cnn", 2, "fc.1.weight"),
+        ("cnn-bn", 3, "conv.10.weight"),  # the last convolution and the BatchNorm after it
+        ("mlp", 5, "fc.1.weight"),  # more layers than the model has: all of them
+    ],
+)
+def test_the_last_k_weight_layers_are_cut_in_the_models_own_order(arch: str, k: int, first: str) -> None:
+    model = build_classifier(arch)
+    names = [n for n, _ in model.named_parameters()]
+    tuned = tuned_parameters(model, k)
+    assert tuned == names[names.index(first) :]
+    assert tuned_parameters(model, 0) == names
+
+
+def test_tuning_the_last_layers_leaves_the_others_and_their_statistics_as_they_were() -> None:
+    """With tune_layers the convolutions and their BatchNorm running statistics come back bit for bit, the dense
+    layers move, and every parameter is trainable again afterwards (a later stage may fine-tune it)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_classifier("cnn-bn").eval()
+    images = rng.random((96, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, 96)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = np.zeros((2, 28, 28), np.float32)
+    masks[:, :4, :4] = 1.0
+    patterns = np.ones((2, 1, 28, 28), np.float32)
+    config = RepairConfig(epochs=1, batch_size=32, prune=False, tune_layers=2)
+    repaired, facts = repair(model, images, labels, masks, patterns, config)
+    after = repaired.state_dict()
+    for name, value in before.items():
+        moved = not torch.equal(value, after[name])
+        assert moved == (name.startswith(("fc.", "head.")) and not name.endswith("num_batches_tracked")), name
+    assert all(p.requires_grad for p in repaired.parameters())
+    assert 0 < facts["tuned_share"] < 1
