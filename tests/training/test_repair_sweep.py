@@ -23,15 +23,15 @@ def test_kwon_is_repaired_from_the_shipped_checkpoints_with_the_shipped_calibrat
     assert builder.config.calibration.bank_size == manifest["configs"]["calibration"]["bank_size"]
 
 
-def test_every_candidate_differs_from_the_recipe_before_in_what_its_name_says() -> None:
-    default = CANDIDATES["the default: last 3 layers, distillation 0.5"]
-    assert default == RepairConfig() and default.tune_layers == 3 and default.distill == 0.5  # today's default
-    base = CANDIDATES["prune and unlearn, every layer (the default before)"]
-    assert base == replace(default, distill=0.0, tune_layers=0) and base.prune and base.unlearn_share > 0
-    assert CANDIDATES["fine-tuning alone, every layer"] == replace(base, prune=False, unlearn_share=0.0)
-    assert CANDIDATES["distillation 0.5, every layer"] == replace(base, distill=0.5)
-    assert CANDIDATES["last 3 layers, no distillation"] == replace(base, tune_layers=3)
-    assert CANDIDATES["last 2 layers, distillation 0.5"] == replace(default, tune_layers=2)
+def test_every_candidate_differs_from_the_default_in_what_its_name_says() -> None:
+    base = CANDIDATES["prune and unlearn (the default)"]
+    assert base == RepairConfig() and base.prune and base.unlearn_share > 0  # today's default
+    assert base.distill == 0.0 and base.tune_layers == 0
+    assert CANDIDATES["fine-tuning alone"] == replace(base, prune=False, unlearn_share=0.0)
+    assert CANDIDATES["distillation 0.5"] == replace(base, distill=0.5)
+    assert CANDIDATES["last 3 layers"] == replace(base, tune_layers=3)
+    assert CANDIDATES["last 3 layers, distillation 0.5"] == replace(base, tune_layers=3, distill=0.5)
+    assert CANDIDATES["last 2 layers, distillation 0.5"] == replace(base, tune_layers=2, distill=0.5)
     assert len(set(CANDIDATES.values())) == len(CANDIDATES)  # no two alike
 
 
