@@ -58,7 +58,7 @@ class RepairConfig:
     holdout: float = 0.2  # share of the repair images held out to measure clean accuracy while pruning
     seed: int = 0
     # Added after the cache keys of build/eval were first kept (training.suite.ADDED_LATER records the values
-    # that repair as before: no distillation, no mixup).
+    # that repair as before: no distillation, no mixup, every layer).
     # Distillation towards the original model's outputs on the clean rows of each batch, and fine-tuning only the
     # last k weight layers (linear or convolution, with the normalisation after them; 0: every layer). Both off by
     # default. A few hundred images per class cannot retrain a whole network without it forgetting some of what its
@@ -133,6 +133,8 @@ def tuned_parameters(model: nn.Module, k: int) -> list[str]:
         return names
     owners = [n.rsplit(".", 1)[0] if "." in n else "" for n in names]
     weighty = list(dict.fromkeys(o for o, (_, p) in zip(owners, model.named_parameters(), strict=True) if p.dim() >= 2))
+    if not weighty:  # no layer to count by: the whole model
+        return names
     first = weighty[-k] if k <= len(weighty) else weighty[0]
     return names[owners.index(first) :]
 

@@ -122,6 +122,11 @@ def test_the_last_k_weight_layers_are_cut_in_the_models_own_order(arch: str, k: 
     assert tuned_parameters(model, 0) == names
 
 
+def test_a_model_without_weight_layers_is_tuned_whole() -> None:
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(4))  # 1-D parameters only: no layer to count by
+    assert tuned_parameters(model, 2) == ["0.weight", "0.bias"]
+
+
 def test_tuning_the_last_layers_leaves_the_others_and_their_statistics_as_they_were() -> None:
     """With tune_layers the convolutions and their BatchNorm running statistics come back bit for bit, the dense
     layers move, and every parameter is trainable again afterwards (a later stage may fine-tune it)."""
