@@ -128,23 +128,24 @@ def tuned_parameters(model: nn.Module, k: int) -> list[str]:
     """Names of the parameters of the last k weight layers and of those after them (0: every parameter). A weight
     layer is a module holding a parameter of two or more dimensions (linear, convolution); parameters are taken
     in the model's own order, so that any architecture (a user's exported archive too) is cut the same way."""
-    names = [n for n, _ in model.named_parameters()]
+    params = list(model.named_parameters())
+    names = [n for n, _ in params]
     if k <= 0:
         return names
     owners = [n.rsplit(".", 1)[0] if "." in n else "" for n in names]
-    weighty = list(dict.fromkeys(o for o, (_, p) in zip(owners, model.named_parameters(), strict=True) if p.dim() >= 2))
+    weighty = list(dict.fromkeys(o for o, (_, p) in zip(owners, params, strict=True) if p.dim() >= 2))
     if not weighty:  # no layer to count by: the whole model
         return names
     first = weighty[-k] if k <= len(weighty) else weighty[0]
     return names[owners.index(first) :]
 
 
-def freeze_all_but(model: nn.Module, k: int) -> list[str]:
+def freeze_all_but(model: nn.Module, k: int) -> set[str]:
     """Freeze every parameter outside the last k weight layers (`tuned_parameters`); returns the tuned names."""
     tuned = set(tuned_parameters(model, k))
     for name, p in model.named_parameters():
         p.requires_grad_(name in tuned)
-    return sorted(tuned)
+    return tuned
 
 
 def frozen_statistics(model: nn.Module) -> list[nn.Module]:
@@ -208,6 +209,7 @@ def repair(
         keep[:, torch.from_numpy(np.asarray(pruned))] = 0.0
     after_prune = accuracy(model, images[val], labels[val])
     x_all, y_all = torch.from_numpy(images[fit]), torch.from_numpy(labels[fit])
+    trainable = [p.requires_grad for p in model.parameters()]  # given back after the fine-tuning
     tuned = freeze_all_but(model, config.tune_layers)
     keep_statistics = frozen_statistics(model)
     trig_m, trig_p = torch.from_numpy(masks[:, None]), torch.from_numpy(patterns)  # (L, 1, H, W), (L, C, H, W)
@@ -251,8 +253,8 @@ def repair(
                 with torch.no_grad():
                     head.weight.mul_(keep)  # pruned neurons stay pruned
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for p, was in zip(model.parameters(), trainable, strict=True):
+        p.requires_grad_(was)
     facts = {
         "repair_images": len(fit),
         "tuned_share": sum(p.numel() for n, p in model.named_parameters() if n in tuned)

@@ -129,7 +129,8 @@ def test_a_model_without_weight_layers_is_tuned_whole() -> None:
 
 def test_tuning_the_last_layers_leaves_the_others_and_their_statistics_as_they_were() -> None:
     """With tune_layers the convolutions and their BatchNorm running statistics come back bit for bit, the dense
-    layers move, and every parameter is trainable again afterwards (a later stage may fine-tune it)."""
+    layers move, and every parameter is as trainable afterwards as it came (here: all of them; a later stage may
+    fine-tune them)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     model = build_classifier("cnn-bn").eval()
