@@ -286,6 +286,10 @@ class GuardPipeline:
         names = [s.name for s in signals]
         if "detrigger" not in names:
             raise ValueError("the pipeline needs the detrigger signal: the label policy uses its restoration")
+        # small: the same guard over other sessions of the same models, which runs batches of at most
+        # SIDE_MAX_IMAGES images (build_pipeline: Bundle.small's sessions, with a side thread). Set first: what is
+        # set on this pipeline later (`fusion`, `on_stage`) reaches it.
+        self.small = small
         self.classify, self.signals, self.fusion = classify, list(signals), fusion
         self.models: dict[str, Classify] = {"classifier": classify, **(models or {})}
         missing = sorted({s.model for s in signals} - self.models.keys())
@@ -302,9 +306,28 @@ class GuardPipeline:
         # side_thread: the models other than the classifier run on a thread of their own, beside the autoencoders
         # and the classifier (each model then needs cores of its own: Bundle.small); else after the classifier.
         self._side = ThreadPoolExecutor(1, thread_name_prefix="guard_side") if side_thread else None
-        # small: the same guard over other sessions of the same models, which runs batches of at most
-        # SIDE_MAX_IMAGES images (build_pipeline: Bundle.small's sessions, with a side thread)
-        self.small = small
+
+    # What may be set on a pipeline after it is built (Runtime: the metrics hook, GUARD_FUSED_THRESHOLD's fusion)
+    # is passed on to its `small` twin as it is set, so that both answer alike whatever the batch's size.
+    @property
+    def fusion(self) -> Fusion | None:
+        return self._fusion
+
+    @fusion.setter
+    def fusion(self, fusion: Fusion | None) -> None:
+        self._fusion = fusion
+        if self.small is not None:
+            self.small.fusion = fusion
+
+    @property
+    def on_stage(self) -> Callable[[str, float], None]:
+        return self._on_stage
+
+    @on_stage.setter
+    def on_stage(self, on_stage: Callable[[str, float], None]) -> None:
+        self._on_stage = on_stage
+        if self.small is not None:
+            self.small.on_stage = on_stage
 
     def _staged(self) -> StripSignal | None:
         """The STRIP signal to run in rounds: only with a fused verdict to decide, and more than one round."""
@@ -346,8 +369,6 @@ class GuardPipeline:
     def run(self, x: np.ndarray) -> GuardResult:
         """x: float32 (B, C, H, W) in [0, 1]."""
         if self.small is not None and len(x) <= SIDE_MAX_IMAGES:
-            # what may be set on this pipeline after it was built (Runtime: the metrics, a threshold override)
-            self.small.on_stage, self.small.fusion = self.on_stage, self.fusion
             return self.small.run(x)
         clock = time.perf_counter()
 
@@ -440,9 +461,9 @@ class PlainPipeline(GuardPipeline):
     that are not finite still fail the batch."""
 
     def __init__(self, classify: Classify, on_stage: Callable[[str, float], None] = lambda stage, s: None) -> None:
+        self.small = None
         self.classify, self.signals, self.fusion, self.on_stage = classify, [], None, on_stage
         self.models, self.source, self.infected = {"classifier": classify}, "original", []
-        self.small = None
 
     def run(self, x: np.ndarray) -> GuardResult:
         start = time.perf_counter()

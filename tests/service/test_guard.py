@@ -308,6 +308,7 @@ def test_small_batches_go_to_the_small_twin_with_what_was_set_on_the_pipeline() 
     stages: list[str] = []
     pipeline.on_stage = lambda stage, seconds: stages.append(stage)
     pipeline.fusion = replace(pipeline.fusion, threshold=1.0)  # nothing can pass it (GUARD_FUSED_THRESHOLD)
+    assert twin.fusion is pipeline.fusion and twin.on_stage is pipeline.on_stage  # passed on as they are set
     for n in (1, SIDE_MAX_IMAGES, SIDE_MAX_IMAGES + 1):
         calls.clear()
         stages.clear()
