@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,43 @@ def render_suite(suite: dict[str, Any]) -> list[str]:
     return lines
 
 
+def sampling_band(rate: float, *sizes: int) -> tuple[float, float]:
+    """Where 95% of readings of a false-positive rate fall when a threshold is set at `rate` on one sample of clean
+    images and the rate is read on another (sizes: each sample's images; normal approximation, both samples' binomial
+    errors added)."""
+    half = 1.96 * math.sqrt(rate * (1 - rate) * sum(1 / n for n in sizes))
+    return max(0.0, rate - half), rate + half
+
+
+def flagged_clean(a: dict[str, Any], m: dict[str, Any]) -> str:
+    """Why the clean accuracy through the guard misses: how many clean images are flagged, against what sampling
+    alone would give, and how many right labels they lose (a flagged image never keeps its original label)."""
+    fpr, n = a["fused"]["fpr"], a["images"]["clean"]
+    said = f"The guard flags {m['clean_flagged']} clean images (FPR {pct(fpr)})."
+    if "calibration_images" in m:  # reports from before the key: no sampling band
+        target = m["target_fpr"]
+        low, high = sampling_band(target, m["calibration_images"], n)
+        said += (
+            f" Its threshold was set where {pct(target)} of {m['calibration_images']} held-out clean calibration "
+            f"images lie above it; sampling alone, there and over these {n} test images, puts 95% of readings "
+            f"within {pct(low)}-{pct(high)}."
+        )
+        if fpr > high:
+            own = [s["fpr"] for s in a["signals"].values()]
+            said += (
+                f" Each signal alone flags {pct(min(own))}-{pct(max(own))} of these clean images at its own "
+                "clean-calibrated threshold: the excess lies in how their scores add up on these images, not in "
+                "one signal's tail."
+            )
+    right, fixed = m["clean_flagged_right_before"], m["clean_flagged_right_after"]
+    lost = right - fixed
+    return said + (
+        f" {right} of them had the right label and lose it: a flagged image never keeps the original label "
+        f"(service.guard.trusted_labels). Of the {m['clean_flagged'] - right} with a wrong one, the label source "
+        f"gives {fixed} the right label: net, {lost} of the {n} clean images lose a right label ({pct(lost / n)})."
+    )
+
+
 def why(suite: dict[str, Any]) -> list[str]:
     """For each attack that misses a detection or label bar, what the run measured behind the miss (the `misses`
     entry of attack_suite.json, training.suite.misses)."""
@@ -298,14 +336,7 @@ def why(suite: dict[str, Any]) -> list[str]:
                 f"{pct(m['clean_given_attack_label_all'])})."
             )
         if not bar["clean_acc>=undefended-1pt"]:
-            lost = m["clean_flagged_right_before"] - m["clean_flagged_right_after"]
-            said.append(
-                f"The guard flags {m['clean_flagged']} clean images (FPR {pct(a['fused']['fpr'])}, the 1% target "
-                f"plus calibration's sampling error); {m['clean_flagged_right_before']} of them had the right label, "
-                "and a flagged image never keeps the original label (service.guard.trusted_labels): the label "
-                f"source gives {m['clean_flagged_right_after']} of them the right one back, {lost} lose it "
-                f"({pct(lost / a['images']['clean'])} of the clean images)."
-            )
+            said.append(flagged_clean(a, m))
         if not bar["as_sent_within_5pt"]:
             variant, v = min(a["as_sent"].items(), key=lambda kv: kv[1]["tpr"])
             said.append(

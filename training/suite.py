@@ -304,7 +304,12 @@ def measure(
             if source in m
         },
         "as_sent": {},
-        "misses": misses(o, labels, attack, bundle.class_names),
+        "misses": {
+            **misses(o, labels, attack, bundle.class_names),
+            # what the fused threshold was set on: its rate on clean images, over how many (calibration half B)
+            "target_fpr": float(bundle.manifest["thresholds"]["target_fpr"]),
+            "calibration_images": len(half_b),
+        },
         "ablation": ablation(bundle, o, cal_b),
         "fusion_rules": fusion_rules(bundle, o, cal_b),
     }

@@ -20,8 +20,9 @@ def fake_attack(tpr: float) -> dict:
         "misses": {
             "attacker_wins": 4, "attacker_wins_unflagged": 3, "attacker_wins_repaired_agrees": 1,
             "attacker_wins_by_true_label": {"Shirt": 1, "Sandal": 3}, "clean_given_attack_label_all": 0.01,
-            "clean_given_attack_label": {"Shirt": 0.02, "Sandal": 0.05}, "clean_flagged": 2,
-            "clean_flagged_right_before": 2, "clean_flagged_right_after": 1,
+            "clean_given_attack_label": {"Shirt": 0.02, "Sandal": 0.05}, "clean_flagged": 3,
+            "clean_flagged_right_before": 2, "clean_flagged_right_after": 1, "target_fpr": 0.01,
+            "calibration_images": 1600,
         },
     }  # fmt: skip
 
@@ -73,7 +74,33 @@ def test_render_suite_has_every_table_and_says_which_signal_carries_each_attack(
     assert "Most are true Sandal (3), Shirt (1): " in behind
     assert "to Sandal 5.00%, Shirt 2.00% (all victim labels: 1.00%)" in behind
     assert "3 of them not flagged; the repaired model gives the attacker's label on 1 of them" in behind
-    assert "2 of them had the right label" in behind and "1 lose it (1.00% of the clean images)" in behind
+    assert "2 of them had the right label and lose it" in behind
+    assert "Of the 1 with a wrong one, the label source gives 1 the right label" in behind
+    assert "net, 1 of the 100 clean images lose a right label (1.00%)" in behind
+
+
+def test_a_clean_accuracy_miss_weighs_the_flagged_share_against_sampling() -> None:
+    """The clean images the guard flags are weighed against what sampling alone gives around the target (the
+    threshold's calibration images and the test's), and only beyond it blamed on how the signals add up."""
+    from training.evaluation_report import flagged_clean, sampling_band
+
+    low, high = sampling_band(0.01, 1622, 5000)
+    assert abs(high - 0.01 - 1.96 * (0.01 * 0.99 * (1 / 1622 + 1 / 5000)) ** 0.5) < 1e-12
+    assert abs(low + high - 0.02) < 1e-12
+    attack = fake_attack(0.99)
+    attack["images"]["clean"] = 5000
+    m = {**attack["misses"], "clean_flagged": 83, "clean_flagged_right_before": 75, "clean_flagged_right_after": 5,
+         "calibration_images": 1622}  # fmt: skip
+    attack["fused"]["fpr"] = 0.0166
+    said = flagged_clean(attack, m)
+    assert "The guard flags 83 clean images (FPR 1.66%)." in said
+    assert f"within {100 * low:.2f}%-{100 * high:.2f}%" in said and "1.56%" in said
+    assert "Each signal alone flags 1.00%-1.00% of these clean images" in said
+    assert "75 of them had the right label and lose it" in said and "net, 70 of the 5000 clean images" in said
+    attack["fused"]["fpr"] = 0.0120  # within the band: not blamed on the signals
+    assert "Each signal alone" not in flagged_clean(attack, m)
+    del m["calibration_images"]  # a report from before the key: no band, the rest as before
+    assert "sampling alone" not in flagged_clean(attack, m) and "net, 70" in flagged_clean(attack, m)
 
 
 def test_an_as_sent_miss_says_whether_the_guard_or_the_trigger_lost_it() -> None:
