@@ -150,10 +150,13 @@ def freeze_all_but(model: nn.Module, k: int) -> set[str]:
 
 def frozen_statistics(model: nn.Module) -> list[nn.Module]:
     """Normalisation layers whose parameters are all frozen: they keep their running statistics while the rest
-    trains (train mode would otherwise move them towards the repair images' own)."""
+    trains (train mode would otherwise move them towards the repair images' own). One without parameters
+    (affine=False) has no place in the layer cut to tell, and updates its statistics as every layer did before
+    `tune_layers`."""
     return [
         m for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters(False))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and (params := list(m.parameters(False))) and not any(p.requires_grad for p in params)
     ]  # fmt: skip
 
 

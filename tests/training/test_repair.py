@@ -11,6 +11,8 @@ from training.repair import (
     RepairConfig,
     accuracy,
     distillation,
+    freeze_all_but,
+    frozen_statistics,
     prune_dormant,
     repair,
     tuned_parameters,
@@ -148,3 +150,15 @@ def test_tuning_the_last_layers_leaves_the_others_and_their_statistics_as_they_w
         assert moved == (name.startswith(("fc.", "head.")) and not name.endswith("num_batches_tracked")), name
     assert all(p.requires_grad for p in repaired.parameters())
     assert 0 < facts["tuned_share"] < 1
+
+
+def test_only_normalisation_layers_with_frozen_parameters_keep_their_statistics() -> None:
+    """A BatchNorm whose parameters are frozen keeps its running statistics; one without parameters (affine=False)
+    cannot be placed in the layer cut and updates them, as every layer did before tune_layers."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4, affine=False)
+    )
+    freeze_all_but(model, 0)
+    assert frozen_statistics(model) == []
+    freeze_all_but(model, 1)  # the last Linear only: the first BatchNorm is frozen, the affine-free one is not
+    assert frozen_statistics(model) == [model[1]]
