@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from service.guard import (
+    RULES,
     ActivationSignal,
     DetriggerSignal,
     Fusion,
@@ -94,6 +95,28 @@ def test_fusion_tail_is_continuous_and_keeps_order_past_the_table() -> None:
     p = fusion.percentile("a", scores)
     assert p[0] == pytest.approx(0.9) and p[1] == pytest.approx(0.9)
     assert np.all(np.diff(p) > 0) and p[-1] < 1.0 + 1e-12  # strictly increasing: no tie at 1.0
+
+
+def test_fusion_of_every_signal_at_once_is_each_signal_alone_bit_for_bit() -> None:
+    """surprise_matrix (the service's path) and surprise (one signal) must give the same bits: a threshold
+    calibrated through one is compared with scores fused through the other."""
+    levels = np.linspace(0.0, 0.9, 7)
+    quantiles = {"a": np.linspace(-3.0, 3.0, 7), "b": np.geomspace(1e-3, 1e3, 7), "c": np.linspace(0.0, 1.0, 7)}
+    tails = {"a": 0.7, "b": 250.0, "c": 1e-6}
+    scores = {
+        "a": RNG.normal(0.0, 4.0, 64).astype(np.float32),  # float32, as most signals' scores are
+        "b": np.concatenate([RNG.exponential(300.0, 60), [np.inf, -np.inf, np.nan, 1e300]]),
+        "c": np.concatenate([RNG.random(62) * 1.2, [1.0, 1.0 + 1e-12]]),
+    }
+    for rule in RULES:
+        fusion = Fusion(levels, quantiles, tails, threshold=0.5, rule=rule)
+        matrix = fusion.surprise_matrix(scores)
+        alone = np.stack([fusion.surprise(name, scores[name]) for name in quantiles])
+        np.testing.assert_array_equal(matrix, alone)  # NaN where NaN, inf where inf
+        parts = list(alone)
+        expected = fusion.to_percentile(np.max(parts, axis=0) if rule == "max" else np.sum(parts, axis=0))
+        np.testing.assert_array_equal(fusion.combine(scores), expected)
+        np.testing.assert_array_equal(fusion.fuse(fusion.surprises(scores)), expected)
 
 
 def make_pipeline(fusion: Fusion | None) -> GuardPipeline:
