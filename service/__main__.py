@@ -48,18 +48,24 @@ def verify(settings: Settings) -> None:
     from service.app import load_bundle
     from service.bundle import BundleError
     from service.runtime import Runtime, check_warm_up
+    from service.selftest import self_test
 
     try:
         runtime = Runtime.build(settings, load_bundle(settings))  # the service's own loading and pipeline
         for images in runtime.warm_up_batches():
             check_warm_up(runtime.pipeline.run(images))
+        tested = ""
+        if runtime.guarded:  # the service's self-test too
+            test = self_test(runtime.bundle, lambda x: runtime.pipeline.run_in_chunks(x, runtime.chunk_images))
+            test.check()
+            tested = "; self-test flagged " + ", ".join(f"{p} {r:.1%}" for p, r in test.rates.items())
     except (BundleError, OSError, ValueError) as err:  # ValueError includes the guard's NonFiniteScore
         sys.stderr.write(f"backdoor-guard: bundle {settings.models_dir} failed verification: {err}\n")
         raise SystemExit(1) from None
     bundle = runtime.bundle
     name, files = bundle.manifest["name"], bundle.manifest["files"]
     sys.stdout.write(
-        f"bundle {name} in {settings.models_dir}: {len(files)} files verified, ran; "
+        f"bundle {name} in {settings.models_dir}: {len(files)} files verified, ran{tested}; "
         f"root digest (SHA-256 of manifest.json) {bundle.digest}\n"
     )
 

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,9 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or "sha256" not in entry:
             problems.append(f"files.{name}: {show(entry)}, must give the file's path and sha256")
             continue
+        if PurePosixPath(entry["path"]).is_absolute() or ".." in PurePosixPath(entry["path"]).parts:
+            problems.append(f"files.{name}: {show(entry['path'])} leaves the bundle; paths are relative to {root}")
+            continue
         path = root / entry["path"]
         if not path.is_file():
             problems.append(f"{name}: {path} is missing")
@@ -74,6 +77,11 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
         if (digest := hashlib.sha256(data).hexdigest()) != entry["sha256"]:
             problems.append(f"{name}: {path} has SHA-256 {digest}, manifest says {entry['sha256']}")
         verified[name] = data
+    # The classifier and its second opinions are different models by construction: one listed twice (the same
+    # bytes) would answer exactly as the classifier does, and its signal would never speak
+    models = [n for n in ("classifier", *OPTIONAL_MODELS) if n in verified]
+    for i, a in enumerate(models):
+        problems += [f"files.{b}: the same file as files.{a}" for b in models[i + 1 :] if verified[a] == verified[b]]
     if problems:
         raise BundleError("refusing to load an unverified bundle: " + "; ".join(problems))
     return verified

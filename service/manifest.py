@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,12 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_real(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # a JSON integer past float's range (10**400)
+        return False
 
 
 def show(v: Any) -> str:
@@ -205,10 +210,12 @@ def series(each: Check, *, strict: bool, length: int | None = None) -> Check:
 
 # A fusion tail's scale (the mean excess of clean scores over the table's last quantile) at most this many times the
 # largest magnitude in the table (and at least 1, for tables of tiny scores). The bundles make evaluate builds stay
-# under 30 times their table's span; a scale like 1e300 describes no clean scores, and it would keep every image's
-# surprise from that signal near -ln(1 - levels[-1]). A sanity bound on unbounded scores only: for signals whose
-# scores are bounded, `_reachable` checks exactly that the fused threshold can be passed.
-TAIL_REACH = 1e4
+# under 4 times (the largest: the MNIST bundle's repaired signal, whose table's top is small beside its tail). A scale
+# far past that describes no clean scores: it mutes the signal, whose surprise then barely grows past its table, and
+# a triggered image it alone would catch is called clean. A sanity bound on unbounded scores only: for signals whose
+# scores are bounded, `_reachable` checks exactly that the fused threshold can be passed, and the self-test
+# (service.selftest) checks at start-up that the guard still catches Neural Cleanse's reversed triggers.
+TAIL_REACH = 10.0
 
 
 def tail_scale(quantiles: Any) -> Check:
@@ -217,6 +224,14 @@ def tail_scale(quantiles: Any) -> Check:
         return real(0, open_lo=True)  # the table's own check reports it
     magnitude = max(1.0, *(abs(float(q)) for q in (quantiles[0], quantiles[-1])))
     return real(0, TAIL_REACH * magnitude, open_lo=True)
+
+
+def unit_scale(v: Any) -> str | None:
+    """preprocessing.scale: 1/255, the only one there is. The autoencoders, STRIP's blend, the triggers and the
+    restored images all work on pixels in [0, 1]; a model that wants another range says so with mean and std."""
+    if _is_real(v) and math.isclose(float(v), 1 / 255, rel_tol=1e-9):
+        return None
+    return f"{show(v)}, must be 1/255 (8-bit levels to [0, 1]; set mean and std for another model input range)"
 
 
 def neurons(classes: int, width: int) -> Check:
@@ -351,7 +366,7 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         ("preprocessing.width", matches(width_px, "the ONNX models' input width")),
         ("preprocessing.color", one_of(*(c for c, n in COLOR_CHANNELS.items() if n == channels))),
         ("preprocessing.resample", one_of(*RESAMPLES)),
-        ("preprocessing.scale", real(0, open_lo=True)),
+        ("preprocessing.scale", unit_scale),
         ("preprocessing.layout", one_of("NCHW")),
         *(
             (f"preprocessing.{name}", per_channel(channels, each))
@@ -380,6 +395,8 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise BundleError(f"{MANIFEST} lists signals this service does not have: {unknown}; known: {sorted(REGISTRY)}")
+    if "detrigger" not in names:  # GuardPipeline needs it: the label policy takes a flagged image's label from it
+        raise BundleError(f"{MANIFEST}: signals {names} must include detrigger (the label policy's restoration)")
     needed = {REGISTRY[n].model for n in names} - models.keys()
     if needed:
         raise BundleError(f"{MANIFEST}: signals {names} need model(s) {sorted(needed)}, which files does not list")
@@ -438,13 +455,18 @@ def validate_manifest(manifest: Mapping[str, Any], models: Mapping[str, ModelIO]
         raise BundleError(f"{MANIFEST} has values the guard cannot trust: " + "; ".join(problems))
 
 
-def _reachable(manifest: Mapping[str, Any], names: list[str], classes: int) -> list[str]:
-    """The fused threshold must be one some image could exceed: when every signal's score is bounded above, the
-    surprise of all of them at their highest (summed under fisher, the largest under max) must pass it."""
+def _reachable(
+    manifest: Mapping[str, Any], names: list[str], classes: int, threshold: float | None = None
+) -> list[str]:
+    """The fused threshold (the manifest's, or `threshold`: GUARD_FUSED_THRESHOLD's) must be one some image could
+    exceed: when every signal's score is bounded above, the surprise of all of them at their highest (summed under
+    fisher, the largest under max) must pass it."""
     from service.guard import Fusion, fused_surprise
     from service.signals import REGISTRY
 
     fusion = Fusion.from_manifest(manifest["thresholds"]["fused"])
+    if threshold is not None:
+        fusion = replace(fusion, threshold=threshold)
     tops = [REGISTRY[n].score_bounds(classes, _params(manifest, n))[1] for n in names]
     if any(math.isinf(top) for top in tops):
         return []  # an unbounded score reaches any threshold (tail_scale keeps the tail within reach)
@@ -453,5 +475,11 @@ def _reachable(manifest: Mapping[str, Any], names: list[str], classes: int) -> l
     need = float(fused_surprise(fusion.threshold))
     if reach > need:
         return []
-    return [f"thresholds.fused.threshold: {fusion.threshold!r} cannot be exceeded: every signal at its highest score "
+    where = "thresholds.fused.threshold" if threshold is None else "GUARD_FUSED_THRESHOLD"
+    return [f"{where}: {fusion.threshold!r} cannot be exceeded: every signal at its highest score "
             f"adds up to a surprise of {reach:.3g}, the threshold needs more than {need:.3g}"]  # fmt: skip
+
+
+def threshold_problems(manifest: Mapping[str, Any], classes: int, threshold: float) -> list[str]:
+    """What is wrong with serving a validated bundle at another fused threshold (GUARD_FUSED_THRESHOLD)."""
+    return _reachable(manifest, signal_names(manifest), classes, threshold)

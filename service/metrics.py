@@ -75,6 +75,12 @@ class Metrics:
             "guard_queue_limit_images", "Most images waiting or running before requests get 503", registry=r
         )
         self.ready = Gauge("guard_ready", "1 once the models are loaded and warmed up", registry=r)
+        self.self_test = Gauge(
+            "guard_self_test_flagged_ratio",
+            "Share of the start-up self-test's images the guard flagged: the clean bank (probe=clean) and the bank "
+            "stamped with each Neural Cleanse reversed trigger (probe=stand_in_LABEL)",
+            ["probe"], registry=r,
+        )  # fmt: skip
         self.model = Info("guard_model", "The guarded model and its bundle", registry=r)
         # Each labelled series looked up once (`labels` takes a lock and checks the labels on every call, per batch
         # and stage); created here, they also export zeros from the start, so rates exist

@@ -15,8 +15,9 @@ from service.batcher import MicroBatcher
 from service.bundle import Bundle, build_pipeline, check_digest
 from service.errors import NotReady
 from service.guard import SIDE_MAX_IMAGES, GuardPipeline, GuardResult, PlainPipeline
-from service.manifest import strip_calibrated
+from service.manifest import strip_calibrated, threshold_problems
 from service.metrics import Metrics
+from service.selftest import self_test_async
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def pipeline_for(settings: Settings, bundle: Bundle) -> GuardPipeline:
         early_exit=settings.strip_early_exit,
     )  # fmt: skip
     if settings.fused_threshold is not None and pipeline.fusion is not None:
+        if problems := threshold_problems(bundle.manifest, len(bundle.class_names), settings.fused_threshold):
+            raise ValueError("; ".join(problems))
         pipeline.fusion = replace(pipeline.fusion, threshold=settings.fused_threshold)
     if pipeline.fusion is None:
         raise ValueError(f"{bundle.root} is not calibrated: run `python -m training calibrate`")
@@ -131,10 +134,17 @@ class Runtime:
         return [batch, batch[:1]] if twin else [batch]
 
     async def warm_up(self) -> None:
-        """The warm-up batches through the real path; ready only if every one comes back finite."""
+        """The warm-up batches through the real path, then (the guard on) the self-test (service.selftest); ready
+        only if every batch comes back finite and the self-test passes."""
         try:
             for images in self.warm_up_batches():
                 check_warm_up(await self.batcher.submit(images))
+            if self.guarded:
+                test = await self_test_async(self.bundle, self.batcher.guard)
+                for probe, rate in test.rates.items():
+                    self.metrics.self_test.labels(probe=probe).set(rate)
+                log.info("self-test: flagged %s", ", ".join(f"{p} {r:.1%}" for p, r in test.rates.items()))
+                test.check()
         except asyncio.CancelledError:
             raise
         except Exception as err:  # reported by /v2/health/ready

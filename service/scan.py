@@ -112,11 +112,16 @@ def local_guard(settings: Settings) -> tuple[Bundle, GuardPipeline]:
     from service.bundle import Bundle
     from service.guard import PlainPipeline
     from service.runtime import pipeline_for
+    from service.selftest import SelfTestFailed, self_test
 
     bundle = Bundle.load(settings.models_dir, settings.ort_threads, settings.prefer_gpu, settings.bundle_sha256)
     guard = pipeline_for(settings, bundle)
     if isinstance(guard, PlainPipeline):
         raise SystemExit("scan needs the guard on: unset GUARD_SIGNALS=none")
+    try:  # the service's start-up self-test (service.selftest)
+        self_test(bundle, lambda images: guard.run_in_chunks(images, CHUNK)).check()
+    except SelfTestFailed as err:
+        raise SystemExit(f"backdoor-guard scan: {err}") from None
     return bundle, guard
 
 

@@ -54,6 +54,12 @@ class MahalanobisSignal(Signal):
             raise ValueError(f"feature_gaussian: means {means.shape} and precision {precision.shape} must be finite, "
                              "(C, D) and (D, D)")  # fmt: skip
         self.means, self.precision = means.astype(np.float64), precision.astype(np.float64)
+        # The inverse of a covariance is symmetric positive definite; anything else gives distances that are not
+        # distances (zero or negative for every image: a signal that never speaks)
+        p = self.precision
+        if not np.allclose(p, p.T, rtol=1e-4, atol=1e-6 * float(np.abs(p).max())) or np.linalg.eigvalsh(p).min() <= 0:
+            raise ValueError("feature_gaussian: the precision must be symmetric positive definite (an inverse "
+                             "covariance)")  # fmt: skip
         self.threshold = threshold
 
     @classmethod

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,9 @@ BAD_EDITS = [
     ("thresholds.fused.quantiles", {k: FUSED["quantiles"][k] for k in ("detrigger", "expert")}, "fused.quantiles"),
     ("thresholds.fused.tail_scale.expert", -0.2, "thresholds.fused.tail_scale.expert"),
     ("thresholds.fused.tail_scale.mahalanobis", 1e300, "thresholds.fused.tail_scale.mahalanobis"),
+    # a tail wide enough to mute the signal: past TAIL_REACH times its table's largest score
+    ("thresholds.fused.tail_scale.mahalanobis", 11 * FUSED["quantiles"]["mahalanobis"][-1], "tail_scale.mahalanobis"),
+    ("thresholds.activation.threshold", 10**400, "thresholds.activation.threshold"),  # past float's range
     ("thresholds.fused.quantiles.expert.90", 0.5, "thresholds.fused.quantiles.expert"),  # a log-probability: <= 0
     ("thresholds.fused.quantiles.repaired.0", -1.0, "thresholds.fused.quantiles.repaired"),  # a divergence: >= 0
     ("thresholds.fused.quantiles.detrigger.90", 1.5, "thresholds.fused.quantiles.detrigger"),  # a drop: <= 1
@@ -126,6 +130,8 @@ BAD_EDITS = [
     ("preprocessing.color", "RGB", "preprocessing.color"),
     ("preprocessing.resample", "smooth", "preprocessing.resample"),
     ("preprocessing.scale", 0, "preprocessing.scale"),
+    ("preprocessing.scale", 1.0, "preprocessing.scale"),  # pixels in [0, 255]: every image past the clean tables
+    ("preprocessing.scale", 1e-6, "preprocessing.scale"),  # every image near black: one label, never flagged
     ("preprocessing.layout", "NHWC", "preprocessing.layout"),
     ("preprocessing.std", [0.0], "preprocessing.std"),  # a division by zero in front of the classifier
     ("preprocessing.std", [NAN], "preprocessing.std"),
@@ -136,6 +142,7 @@ BAD_EDITS = [
     ("files.classifier.outputs.0.shape", ["batch", 9], "files.classifier.outputs"),
     ("files.strip_bank.shape", [128, 1, 28, 28], "files.strip_bank.shape"),
     ("signals.telepathy", {}, "signals this service does not have: ['telepathy']"),
+    ("signals", {}, "must include detrigger"),
     ("thresholds.repaired.threshold", NAN, "thresholds.repaired.threshold"),
     ("thresholds.label_source.source", "oracle", "thresholds.label_source.source"),
 ]
@@ -188,8 +195,10 @@ def test_a_fused_threshold_no_image_could_pass_is_refused(bundle: Path) -> None:
     put(bundle, "thresholds.fused.tail_scale", {name: FUSED["tail_scale"][name] for name in kept})
     put(bundle, "thresholds.label_source.source", "restored")  # no repaired signal to take labels from
     Bundle.load(bundle)  # as calibrated, the two can pass it
-    put(bundle, "thresholds.fused.tail_scale", {name: 1e3 for name in kept})
+    put(bundle, "thresholds.fused.tail_scale", {name: 9.0 for name in kept})  # within TAIL_REACH of their tables
     assert "thresholds.fused.threshold" in (message := refusal(bundle)) and "cannot be exceeded" in message
+    put(bundle, "thresholds.fused.tail_scale", {name: 1e3 for name in kept})  # past it: refused on its own
+    assert "thresholds.fused.tail_scale.detrigger" in refusal(bundle)
 
 
 def test_a_fused_threshold_override_of_1_is_refused() -> None:
@@ -220,6 +229,47 @@ def test_a_signal_whose_reference_file_is_missing_or_wrong_is_refused(bundle: Pa
     put(bundle, "files.feature_gaussian.sha256", sha256_file(bundle / entry["path"]))
     with pytest.raises(BundleError, match=r"means \[9, 200\] must be \[10, 200\]"):
         build_pipeline(Bundle.load(bundle))  # nine class means for ten classes
+
+
+def test_a_precision_that_is_not_positive_definite_is_refused(bundle: Path) -> None:
+    """A zero or negated precision gives every image a distance of 0 or less: the signal would never speak."""
+    path = bundle / SHIPPED["files"]["feature_gaussian"]["path"]
+    with np.load(path) as z:
+        means, precision = z["means"], z["precision"]
+    for bad in (np.zeros_like(precision), -precision, precision + np.triu(np.ones_like(precision), 1)):
+        np.savez(path, means=means, precision=bad)
+        put(bundle, "files.feature_gaussian.sha256", sha256_file(path))
+        with pytest.raises(BundleError, match="symmetric positive definite"):
+            build_pipeline(Bundle.load(bundle))
+
+
+def test_a_model_listed_as_another_or_outside_the_bundle_is_refused(bundle: Path) -> None:
+    """The repaired model or the expert as the classifier's own file would agree with it on every image, and their
+    signals would never speak; a path out of the bundle's folder is not the bundle's."""
+    classifier = SHIPPED["files"]["classifier"]
+    for second in ("repaired_classifier", "backdoor_expert"):
+        put(bundle, f"files.{second}", classifier)
+        assert f"files.{second}: the same file as files.classifier" in refusal(bundle)
+        put(bundle, f"files.{second}", SHIPPED["files"][second])
+    Bundle.load(bundle)
+    for path in ("../models/classifier.onnx", str(bundle / "classifier.onnx")):
+        put(bundle, "files.classifier.path", path)
+        assert "files.classifier" in (message := refusal(bundle)) and "leaves the bundle" in message
+
+
+def test_a_fused_threshold_override_no_image_could_pass_stops_the_start(bundle: Path) -> None:
+    """GUARD_FUSED_THRESHOLD is held to the same reachability check as the manifest's threshold."""
+    from service.runtime import pipeline_for
+
+    kept = ("detrigger", "expert")  # bounded scores only: the check can tell
+    put(bundle, "signals", {name: {} for name in kept})
+    put(bundle, "thresholds.fused.quantiles", {name: FUSED["quantiles"][name] for name in kept})
+    put(bundle, "thresholds.fused.tail_scale", {name: 0.1 for name in kept})  # both at their highest: 1 - 2e-7
+    put(bundle, "thresholds.label_source.source", "restored")
+    loaded = Bundle.load(bundle)
+    assert pipeline_for(Settings(fused_threshold=0.99), loaded).fusion.threshold == 0.99
+    with pytest.raises(ValueError, match=r"GUARD_FUSED_THRESHOLD: 0\.9999999999 cannot be exceeded"):
+        pipeline_for(Settings(fused_threshold=0.9999999999), loaded)
 
 
 def test_a_signal_whose_model_is_missing_is_refused(bundle: Path) -> None:
@@ -322,6 +372,58 @@ def test_verify_prints_the_root_digest_and_honours_the_pin(bundle: Path) -> None
     assert f"GUARD_BUNDLE_SHA256 pins {digest}" in refusals[0] and result.stderr.endswith(refusals[0] + "\n")
     result = cli("verify", env={**env, "GUARD_BUNDLE_SHA256": digest.upper()})
     assert result.returncode == 2 and "GUARD_BUNDLE_SHA256" in result.stderr  # lowercase hex only
+
+
+# The start-up self-test (service.selftest)
+
+
+def blind(bundle: Path) -> None:
+    """Tables that pass every range check but sit far above the clean scores: the guard goes half blind."""
+    fused = json.loads(json.dumps(FUSED))
+    for name in ("activation", "repaired", "mahalanobis"):  # unbounded scores: any table is in range
+        fused["quantiles"][name] = [100 * v for v in fused["quantiles"][name]]
+    fused["quantiles"]["detrigger"] = [min(1.0, v + 0.9) for v in fused["quantiles"]["detrigger"]]
+    fused["quantiles"]["expert"] = [v / 100 for v in fused["quantiles"]["expert"]]  # log-probabilities near 0
+    put(bundle, "thresholds.fused", fused)
+
+
+def test_the_self_test_passes_the_shipped_bundle_and_catches_a_blinded_one(bundle: Path) -> None:
+    from service.selftest import TOLERANCE, SelfTestFailed, self_test
+
+    recorded = SHIPPED["calibration"]["neural_cleanse_reversed_triggers"]["0"]["fused_tpr"]
+    guard = build_pipeline(Bundle.load(bundle))
+    test = self_test(Bundle.load(bundle), lambda x: guard.run_in_chunks(x, 64))
+    assert not test.problems and set(test.rates) == {"clean", "stand_in_0"}
+    assert test.rates["stand_in_0"] >= recorded - TOLERANCE and test.rates["clean"] <= 0.01 + TOLERANCE
+    blind(bundle)
+    loaded = Bundle.load(bundle)  # every value in range
+    guard = build_pipeline(loaded)
+    test = self_test(loaded, lambda x: guard.run_in_chunks(x, 64))
+    assert test.rates["stand_in_0"] < recorded - TOLERANCE
+    with pytest.raises(SelfTestFailed, match=r"reversed trigger for label 0, calibration recorded 99\.6%"):
+        test.check()
+    put(bundle, "calibration", {})  # nothing recorded to test with: refused too
+    put(bundle, "thresholds.fused", FUSED)
+    loaded = Bundle.load(bundle)
+    assert "records no stand-in" in " ".join(self_test(loaded, build_pipeline(loaded).run).problems)
+
+
+def test_verify_and_the_service_refuse_a_guard_that_fails_its_self_test(bundle: Path) -> None:
+    env = {"GUARD_MODELS_DIR": str(bundle)}
+    result = cli("verify", env=env)
+    assert result.returncode == 0 and "self-test flagged clean" in result.stdout and "stand_in_0" in result.stdout
+    blind(bundle)
+    result = cli("verify", env=env)
+    assert result.returncode == 1 and "self-test failed" in result.stderr, result.stderr
+    with TestClient(create_app(Settings(models_dir=bundle))) as c:
+        deadline = time.monotonic() + 60
+        while "self-test failed" not in (detail := c.get("/v2/health/ready").json().get("detail") or ""):
+            assert time.monotonic() < deadline, detail
+            time.sleep(0.05)
+        assert c.get("/v2/health/ready").status_code == 503
+        image = png((SHIPPED_BANK[0, 0] * 255).astype(np.uint8))
+        assert c.post("/classify", files=files(image)).status_code == 503  # never served
+        assert 'guard_self_test_flagged_ratio{probe="stand_in_0"}' in c.get("/metrics").text
 
 
 # Fail closed at run time
