@@ -44,7 +44,9 @@ class PixelBudget:
                 if future.done() and not future.cancelled():  # granted just as we were cancelled: give it back
                     self._release(pixels)
                 else:
-                    self._waiters.remove((pixels, future))
+                    # A release between the cancellation and this line may already have dropped it (`_wake`)
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove((pixels, future))
                     self._wake()
                 raise
         else:
@@ -59,8 +61,14 @@ class PixelBudget:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.used + self._waiters[0][0] <= self.capacity:
-            pixels, future = self._waiters.popleft()
+        while self._waiters:
+            pixels, future = self._waiters[0]
+            if future.done():  # cancelled, and its task has not run yet to leave the queue: it takes nothing
+                self._waiters.popleft()
+                continue
+            if self.used + pixels > self.capacity:
+                break
+            self._waiters.popleft()
             self.used += pixels
             future.set_result(None)
 

@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from service.errors import BadImage, TooLarge
 from service.preprocess import Preprocessing, image_to_pixels
@@ -75,6 +75,14 @@ DRAFT_OVERSAMPLING = 16
 # against the same).
 MAX_JPEG_SCANS = 100
 
+# Decompressed text a PNG may hold (zTXt, iTXt and tEXt chunks; Pillow's own limit is 64 MiB per image). Image.open
+# inflates the text chunks before the pixels, on the event loop and before the request holds its queue places, so a
+# 65 KB file of compressed text would otherwise cost 64 MB of memory and a tenth of a second, 64 of them in one
+# request gigabytes. Metadata that cameras and editors write (XMP, a caption) is kilobytes. Above it: a 400.
+MAX_PNG_TEXT_BYTES = 1 << 20
+PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
+PngImagePlugin.MAX_TEXT_CHUNK = min(PngImagePlugin.MAX_TEXT_CHUNK, MAX_PNG_TEXT_BYTES)
+
 
 @dataclass(frozen=True)
 class Header:
@@ -113,8 +121,9 @@ def open_image(data: bytes, index: int, name: str | None, max_pixels: int) -> He
         image.close()
         raise TooLarge(f"{label} is {image.width}x{image.height} = {pixels} pixels (limit {max_pixels})", index)
     # An SOS marker cannot occur inside entropy-coded data (an 0xFF there is followed by 0x00 or a restart marker), so
-    # this counts the scans, plus any in an embedded thumbnail
-    if image.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+    # this counts the scans, plus any in an embedded thumbnail or (MPO: a JPEG that holds several pictures, which
+    # Pillow opens as format "MPO") in the other pictures
+    if image.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
         image.close()
         raise TooLarge(f"{label} holds {scans} JPEG scans (limit {MAX_JPEG_SCANS}): too costly to decode safely", index)
     return Header(image, pixels, label)

@@ -152,6 +152,39 @@ def test_the_pixel_budget_is_first_come_first_served_and_never_exceeded() -> Non
     assert peak <= 100 and used == 0
 
 
+def test_a_waiter_cancelled_as_the_budget_frees_neither_fails_the_releaser_nor_leaks_pixels() -> None:
+    """A file cancelled while it waits (a sibling failed) and a release in the same loop turn: the release must not
+    hand the pixels to the cancelled waiter (that raised InvalidStateError in another request's decode and kept the
+    pixels taken for good)."""
+
+    async def scenario() -> tuple[list[object], int, bool]:
+        budget = PixelBudget(10)
+        done = asyncio.Event()
+
+        async def holder() -> None:
+            async with budget.take(10):
+                await done.wait()
+
+        async def waiter() -> None:
+            async with budget.take(5):
+                pass
+
+        held = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(waiter())
+        await asyncio.sleep(0)
+        done.set()  # the holder's decode ends ...
+        waiting.cancel()  # ... in the same turn as the waiter is cancelled
+        results = await asyncio.gather(held, waiting, return_exceptions=True)
+        async with asyncio.timeout(1), budget.take(10):  # the whole budget is free again
+            free = True
+        return results, budget.used, free
+
+    (released, cancelled), used, free = asyncio.run(scenario())
+    assert released is None and isinstance(cancelled, asyncio.CancelledError)
+    assert used == 0 and free
+
+
 def test_a_cancelled_decode_holds_its_pixels_until_its_thread_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
     """One bad file fails its request and cancels its siblings; a sibling's thread keeps decoding, so its share of
     the budget must stay taken until the thread ends, not be handed to the next request at once."""

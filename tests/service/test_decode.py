@@ -391,3 +391,37 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding() -> None:
     assert decode(ordinary, 0, "p.jpg", Preprocessing(), 1 << 20).shape == (28, 28)
     with pytest.raises(TooLarge, match=f"JPEG scans \\(limit {MAX_JPEG_SCANS}\\)"):
         open_image(progressive_jpeg(MAX_JPEG_SCANS), 0, "bomb.jpg", 1 << 20)
+
+
+def test_an_mpo_of_too_many_scans_is_refused_like_a_jpeg() -> None:
+    """Pillow opens a JPEG with a multi-picture header as format "MPO": the scan limit holds for it too."""
+    first, second = (Image.fromarray(np.full((64, 64), v, np.uint8)) for v in (40, 200))
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[second], progressive=True, quality=90)
+    mpo = buffer.getvalue()
+    assert open_image(mpo, 0, "pair.mpo", 1 << 20).image.format == "MPO"  # an ordinary one opens
+    end = mpo.index(b"\xff\xd9")  # the first picture's end
+    starts = [i for i in range(end) if mpo[i : i + 2] == b"\xff\xda"]
+    smallest = min((mpo[a:b] for a, b in zip(starts, [*starts[1:], end], strict=True)), key=len)
+    bomb = mpo[:end] + smallest * MAX_JPEG_SCANS + mpo[end:]
+    with pytest.raises(TooLarge, match=f"JPEG scans \\(limit {MAX_JPEG_SCANS}\\)"):
+        open_image(bomb, 0, "bomb.mpo", 1 << 20)
+
+
+def test_a_png_of_too_much_compressed_text_is_refused_before_its_text_is_inflated() -> None:
+    """zTXt chunks inflate at Image.open, before the pixels: a few KB that inflate to megabytes are a 400."""
+    from service.decode import MAX_PNG_TEXT_BYTES
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(buffer, "PNG")
+    plain = buffer.getvalue()
+
+    def with_text(size: int, chunks: int) -> bytes:
+        text = zlib.compress(b"a" * size, 9)
+        ztxt = b"".join(chunk(b"zTXt", b"k%d\x00\x00" % i + text) for i in range(chunks))
+        return plain[:33] + ztxt + plain[33:]  # after IHDR, before IDAT
+
+    assert decode(with_text(4096, 4), 0, "caption.png", CONTRACT, LIMIT).shape == (28, 28)  # metadata-sized
+    for size, chunks in ((MAX_PNG_TEXT_BYTES + 1, 1), (MAX_PNG_TEXT_BYTES // 4, 8)):  # one chunk, or their sum
+        with pytest.raises(BadImage, match=r"text chunks|Decompressed"):
+            open_image(with_text(size, chunks), 0, "bomb.png", LIMIT)
