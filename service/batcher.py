@@ -130,26 +130,37 @@ class MicroBatcher:
         return batch
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = [job for job in await self._next_batch() if not job.future.done()]
             if not batch:
                 continue
-            started = time.perf_counter()
-            images = np.concatenate([job.images for job in batch])
             try:
-                result = await loop.run_in_executor(self._executor, self.run, images)
-                self._answer(batch, result)
-            except Exception:  # isolate the failing job below
-                log.exception("a batch of %d jobs failed; retrying them one by one", len(batch))
+                await self._run(batch)
+            except Exception as err:  # never the worker's end: every later request would wait for ever
+                log.exception("the micro-batcher failed a batch of %d jobs", len(batch))
                 for job in batch:
-                    try:
-                        self._answer([job], await loop.run_in_executor(self._executor, self.run, job.images))
-                    except Exception as err:  # this job's own failure, reported to it alone
-                        if not job.future.done():
-                            job.future.set_exception(err)
-            queued = [started - job.submitted for job in batch]
-            self.on_batch(BatchStats(len(images), len(batch), queued, time.perf_counter() - started))
+                    if not job.future.done():
+                        job.future.set_exception(err)
+
+    async def _run(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        images = np.concatenate([job.images for job in batch])
+        try:
+            result = await loop.run_in_executor(self._executor, self.run, images)
+            self._answer(batch, result)
+        except Exception:  # isolate the failing job below
+            log.exception("a batch of %d jobs failed; retrying them one by one", len(batch))
+            for job in batch:
+                if job.future.done():  # its client went away meanwhile: nothing to run it for
+                    continue
+                try:
+                    self._answer([job], await loop.run_in_executor(self._executor, self.run, job.images))
+                except Exception as err:  # this job's own failure, reported to it alone
+                    if not job.future.done():
+                        job.future.set_exception(err)
+        queued = [started - job.submitted for job in batch]
+        self.on_batch(BatchStats(len(images), len(batch), queued, time.perf_counter() - started))
 
     @staticmethod
     def _answer(batch: list[_Job], result: GuardResult) -> None:

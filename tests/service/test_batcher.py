@@ -56,6 +56,34 @@ def test_one_failing_job_fails_alone() -> None:
     np.testing.assert_array_equal(results[2].labels, [3])
 
 
+def test_a_failure_outside_the_guard_fails_that_batch_and_the_worker_goes_on() -> None:
+    """An error in the batcher's own work (here the metrics hook, after the batch was answered) fails only what that
+    batch left unanswered, and later requests are still served: a worker that died would leave every one of them
+    waiting for ever."""
+
+    async def scenario() -> tuple[list, list]:
+        calls: list[int] = []
+
+        def on_batch(stats: BatchStats) -> None:
+            calls.append(stats.images)
+            if len(calls) == 1:
+                raise RuntimeError("metrics hook failed")
+
+        batcher = MicroBatcher(fake_guard, 8, 0.0, 100, on_batch)
+        batcher.start()
+        try:
+            first = await asyncio.gather(batcher.submit(job(1)), return_exceptions=True)
+            async with asyncio.timeout(5):
+                later = await asyncio.gather(batcher.submit(job(2)), batcher.submit(job(3)))
+        finally:
+            await batcher.stop()
+        return first, later
+
+    first, later = asyncio.run(scenario())
+    assert first[0].labels.tolist() == [1]  # answered before the hook failed
+    assert [r.labels.tolist() for r in later] == [[2], [3]]
+
+
 def test_a_job_larger_than_a_batch_still_runs() -> None:
     results, stats = asyncio.run(run_jobs([job(*range(1, 12))], max_batch=4))
     np.testing.assert_array_equal(results[0].labels, range(1, 12))
