@@ -60,16 +60,37 @@ class Probe:
         return None
 
 
-def stand_ins(bundle: Bundle, original_labels: np.ndarray) -> list[Probe]:
-    """The stamped probes: per recorded label, the bank images whose original label is another, stamped."""
-    recorded: Mapping[str, Any] = bundle.manifest.get("calibration", {}).get("neural_cleanse_reversed_triggers", {})
-    probes = []
+def recorded_rate(key: Any, entry: Any, classes: int) -> tuple[int, float] | None:
+    """(label, fused TPR) of one recorded stand-in, or None where either is not what calibration writes: a rate
+    that is NaN would pass any comparison, so it is a problem, never a pass."""
+    if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < classes):
+        return None
+    rate = entry.get("fused_tpr") if isinstance(entry, Mapping) else None
+    if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 <= rate <= 1:  # NaN fails 0 <= NaN
+        return None
+    return int(key), float(rate)
+
+
+def stand_ins(bundle: Bundle, original_labels: np.ndarray) -> tuple[list[Probe], list[str]]:
+    """The stamped probes, per recorded label the bank images whose original label is another, stamped; and the
+    problems with the record."""
+    calibration = bundle.manifest.get("calibration")
+    recorded = calibration.get("neural_cleanse_reversed_triggers") if isinstance(calibration, Mapping) else None
+    if not isinstance(recorded, Mapping) or not recorded:
+        return [], ["the manifest records no stand-in trigger to test with (calibration is incomplete)"]
+    probes, problems = [], []
     for key, entry in recorded.items():
-        label = int(key)
+        if (parsed := recorded_rate(key, entry, len(bundle.class_names))) is None:
+            where = f"calibration.neural_cleanse_reversed_triggers.{key}"
+            problems.append(f"{where}: not a label with a fused_tpr in [0, 1]")
+            continue
+        label, rate = parsed
         others = bundle.strip_bank[original_labels != label]
-        if len(others):
-            probes.append(Probe(f"stand_in_{label}", bundle.stamp_reversed(others, label), float(entry["fused_tpr"])))
-    return probes
+        if not len(others):  # a classifier that gives every clean image one label is no classifier to guard
+            problems.append(f"the classifier gives every clean bank image label {label}: nothing to stamp")
+            continue
+        probes.append(Probe(f"stand_in_{label}", bundle.stamp_reversed(others, label), rate))
+    return probes, problems
 
 
 @dataclass
@@ -97,9 +118,8 @@ async def self_test_async(bundle: Bundle, run: Callable[[np.ndarray], Awaitable[
     clean = Probe("clean", bundle.strip_bank, float(bundle.manifest["thresholds"]["target_fpr"]))
     result = await run(clean.images)
     _judge(clean, result, test)
-    probes = stand_ins(bundle, result.original.labels)
-    if not probes:
-        test.problems.append("the manifest records no stand-in trigger to test with (calibration is incomplete)")
+    probes, problems = stand_ins(bundle, result.original.labels)
+    test.problems += problems
     for probe in probes:
         _judge(probe, await run(probe.images), test)
     return test

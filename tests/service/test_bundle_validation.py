@@ -402,10 +402,17 @@ def test_the_self_test_passes_the_shipped_bundle_and_catches_a_blinded_one(bundl
     assert test.rates["stand_in_0"] < recorded - TOLERANCE
     with pytest.raises(SelfTestFailed, match=r"reversed trigger for label 0, calibration recorded 99\.6%"):
         test.check()
-    put(bundle, "calibration", {})  # nothing recorded to test with: refused too
     put(bundle, "thresholds.fused", FUSED)
+    put(bundle, "calibration", {})  # nothing recorded to test with: refused too
     loaded = Bundle.load(bundle)
     assert "records no stand-in" in " ".join(self_test(loaded, build_pipeline(loaded).run).problems)
+    put(bundle, "calibration", {"neural_cleanse_reversed_triggers": {"0": {"fused_tpr": NAN}}})
+    assert "fused_tpr is NaN" in refusal(bundle)  # it would pass any comparison: refused with every JSON NaN
+    for record in ({"0": {"fused_tpr": 1.5}}, {"12": {"fused_tpr": 0.9}}, {"0": {}}, {"0": {"fused_tpr": "1"}}):
+        put(bundle, "calibration", {"neural_cleanse_reversed_triggers": record})
+        loaded = Bundle.load(bundle)
+        problems = self_test(loaded, build_pipeline(loaded).run).problems
+        assert problems and "not a label with a fused_tpr in [0, 1]" in problems[0]
 
 
 def test_verify_and_the_service_refuse_a_guard_that_fails_its_self_test(bundle: Path) -> None:
