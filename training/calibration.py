@@ -17,6 +17,7 @@ detection rates are recorded as a sanity check and never move a threshold. The r
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,8 +27,14 @@ from service.bundle import Bundle, build_pipeline
 from service.guard import SOURCES, Fusion, GuardPipeline, GuardResult, SignalResult
 from service.signals import REGISTRY
 
+log = logging.getLogger(__name__)
+
 # Percentile levels of the fusion tables; above the last one an exponential tail takes over (service.guard.Fusion).
-FUSION_LEVELS = np.linspace(0.0, 0.9, 91)
+# Rounded as the manifest records them, so that half B is scored with the very levels the service loads.
+FUSION_LEVELS = np.linspace(0.0, 0.9, 91).round(6)
+# Fewer clean images of half B than this above the fused threshold (len(half B) x target FPR) and the FPR the
+# threshold gives on other clean images scatters widely: calibration says so, loudly, and records the count.
+FEW_ABOVE = 10
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,12 @@ def fit_thresholds(
     fusion = fit_fusion({k: r.score for k, r in half_a.items()}, config.fusion)
     fused_b = fusion.score(half_b)
     fused_threshold = float(np.quantile(fused_b, 1 - fpr))
+    if (above := len(fused_b) * fpr) < FEW_ABOVE:
+        log.warning(
+            "the fused threshold rests on %.1f clean images above it (%d in calibration half B at a target FPR of "
+            "%g): the FPR it gives on other clean images will scatter far from the target; give more calibration "
+            "images (DataConfig.calibration_size) or a larger target FPR", above, len(fused_b), fpr,
+        )  # fmt: skip
     if fused_threshold >= 1 - 1e-12:  # float64 rounds fused scores past this to 1.0: nothing could exceed it
         raise ValueError(
             f"the fused threshold {fused_threshold!r} is too close to 1 to be exceeded: the clean calibration scores "
@@ -132,8 +145,9 @@ def fit_thresholds(
         "fused": {
             "threshold": fused_threshold,
             "calibration_fpr": float(np.mean(fused_b > fused_threshold)),
+            "calibration_images": len(fused_b),
             "rule": config.fusion,
-            "levels": FUSION_LEVELS.round(6).tolist(),
+            "levels": FUSION_LEVELS.tolist(),
             "quantiles": {k: np.asarray(v).tolist() for k, v in fusion.quantiles.items()},
             "tail_scale": dict(fusion.tail_scale),
         },

@@ -107,6 +107,8 @@ class StripSignal(Signal):
         """The paper's normal fit to clean entropies (the score is minus the entropy)."""
         entropy = -results.score
         threshold, mean, std = strip_threshold(entropy, fpr)
+        if not std > 0:  # no spread (or NaN): the normal's 1% point is its mean, and every clean image would flag
+            raise ValueError(f"STRIP's clean entropies have no spread (std {std}): no threshold can be fitted to them")
         return {
             "threshold": threshold, "entropy_mean": mean, "entropy_std": std,
             "calibration_fpr": float(np.mean(entropy <= threshold)),
