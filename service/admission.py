@@ -97,9 +97,12 @@ class Decoder:
                 return await asyncio.shield(work)
             except asyncio.CancelledError:
                 # A thread cannot be stopped: its pixels stay taken until it is done, or the budget would let more
-                # decode at once than GUARD_DECODE_BUDGET_PIXELS (a sibling file failing cancels this one).
-                with contextlib.suppress(BaseException):
-                    await work
+                # decode at once than GUARD_DECODE_BUDGET_PIXELS (a sibling file failing cancels this one). Shielded
+                # and in a loop, because a second cancellation (a shutdown) would otherwise cancel `work` itself,
+                # which ends the wait while the thread still decodes.
+                while not work.done():
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(work)
                 raise
 
     async def decode(self, headers: list[Header]) -> np.ndarray:

@@ -199,18 +199,21 @@ def test_a_cancelled_decode_holds_its_pixels_until_its_thread_is_done(monkeypatc
     decoder = admission.Decoder(Preprocessing(), max_pixels=10**6, budget_pixels=10**6, threads=2)
     big = Header(image=None, pixels=10**6, label="file 0")  # type: ignore[arg-type]
 
-    async def scenario() -> tuple[int, int]:
+    async def scenario() -> tuple[int, int, int]:
         task = asyncio.ensure_future(decoder._one(big, 0))
         await asyncio.sleep(0.05)  # in its thread, holding the whole budget
         task.cancel()
         await asyncio.sleep(0.05)
         held = decoder.budget.used  # cancelled, its thread still decoding
+        task.cancel()  # cancelled again while it waits for its thread (a shutdown, say)
+        await asyncio.sleep(0.05)
+        still = decoder.budget.used
         await asyncio.gather(task, return_exceptions=True)
-        return held, decoder.budget.used
+        return held, still, decoder.budget.used
 
-    held, after = run(scenario())
+    held, still, after = run(scenario())
     decoder.close()
-    assert held == 10**6 and after == 0
+    assert held == still == 10**6 and after == 0
 
 
 def test_a_small_request_decodes_without_handing_the_loop_to_others() -> None:
