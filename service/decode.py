@@ -77,8 +77,8 @@ MAX_JPEG_SCANS = 100
 
 # Decompressed text a PNG may hold (zTXt, iTXt and tEXt chunks; Pillow's own limit is 64 MiB per image). Image.open
 # inflates the text chunks before the pixels, on the event loop and before the request holds its queue places, so a
-# 65 KB file of compressed text would otherwise cost 64 MB of memory and a tenth of a second, 64 of them in one
-# request gigabytes. Metadata that cameras and editors write (XMP, a caption) is kilobytes. Above it: a 400.
+# file of a few tens of KB of compressed text would otherwise cost up to Pillow's 64 MiB, and a request of many
+# such files gigabytes. Metadata that cameras and editors write (XMP, a caption) is kilobytes. Above it: a 400.
 MAX_PNG_TEXT_BYTES = 1 << 20
 PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
 PngImagePlugin.MAX_TEXT_CHUNK = min(PngImagePlugin.MAX_TEXT_CHUNK, MAX_PNG_TEXT_BYTES)
