@@ -62,6 +62,16 @@ class CalibrationConfig:
     # 0.46% against 1.08% with the repaired model).
     label_source: Literal["both", "best"] = "both"
 
+    def __post_init__(self) -> None:
+        """The choices its type names, checked: the config also comes from JSON (a manifest's configs, a user's
+        file), where any other value would silently take the other branch."""
+        choices = {"strip_blend": ("sum", "mean"), "fusion": ("max", "fisher"), "label_source": ("both", "best")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"calibration {name} {getattr(self, name)!r}: choose from {list(allowed)}")
+        if not 0 < self.target_fpr < 1:
+            raise ValueError(f"calibration target_fpr {self.target_fpr!r} must lie in (0, 1)")
+
 
 def _order(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(bank, repair share, rest) of a seeded permutation of range(n)."""

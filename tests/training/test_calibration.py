@@ -45,3 +45,12 @@ def test_strip_refuses_clean_entropies_without_spread() -> None:
         StripSignal.fit(flat, 0.01)
     spread = SignalResult(-np.random.default_rng(0).uniform(0.5, 2.0, 50), np.zeros(50, bool))
     assert StripSignal.fit(spread, 0.01)["calibration_fpr"] < 0.1
+
+
+@pytest.mark.parametrize(
+    "change", [{"label_source": "repaired"}, {"fusion": "mean"}, {"strip_blend": "max"}, {"target_fpr": 0.0}]
+)
+def test_a_calibration_config_with_a_value_outside_its_choices_is_refused(change: dict) -> None:
+    """From JSON (a manifest's configs) any string would do: "repaired" would silently run as "best"."""
+    with pytest.raises(ValueError, match=next(iter(change))):
+        CalibrationConfig(**change)
