@@ -19,6 +19,7 @@ from service.manifest import strip_calibrated, threshold_problems
 from service.metrics import Metrics
 from service.selftest import self_test_async
 from service.settings import Settings
+from service.upload import BodyBudget
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Runtime:
     metrics: Metrics
     decoder: Decoder
     chunk_images: int  # most images per guard call (GUARD_CHUNK_IMAGES, or derived: `chunk_images`)
+    body_budget: BodyBudget  # upload bytes held at once across requests (GUARD_BODY_BUDGET_BYTES)
     ready: bool = False
     warmup_error: str | None = None
 
@@ -119,7 +121,7 @@ class Runtime:
         decoder = Decoder(
             bundle.preprocessing, settings.max_pixels, settings.decode_budget_pixels, settings.decode_threads
         )
-        return cls(settings, bundle, pipeline, batcher, metrics, decoder, chunk)
+        return cls(settings, bundle, pipeline, batcher, metrics, decoder, chunk, BodyBudget(settings.body_budget))
 
     def warm_up_images(self) -> np.ndarray:
         """The warm-up batch: a few clean images of the STRIP bank, float32 (B, 1, H, W)."""

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
         10.0, gt=0, le=3600, description="seconds a client has to send a request's line and headers"
     )
     body_timeout_s: float = Field(60.0, gt=0, le=3600, description="seconds a client has to send a whole upload")
+    body_budget_bytes: int = Field(
+        0, ge=0, description="bytes of /classify uploads held at once across all requests; past them a request gets "
+        "503 (0: twice the largest valid request)",
+    )  # fmt: skip
     shutdown_timeout_s: float = Field(
         8.0, ge=0, le=3600, description="on SIGTERM, seconds in-flight requests get to finish before they are cut"
     )
@@ -117,9 +121,26 @@ class Settings(BaseSettings):
                 f"GUARD_DECODE_BUDGET_PIXELS ({self.decode_budget_pixels}) must be at least GUARD_MAX_PIXELS "
                 f"({self.max_pixels}): the largest allowed image could never be decoded"
             )
+        if 0 < self.body_budget_bytes < self.largest_body:
+            problems.append(
+                f"GUARD_BODY_BUDGET_BYTES ({self.body_budget_bytes}) must be at least the largest valid request "
+                f"({self.largest_body} bytes: GUARD_MAX_FILES files of GUARD_MAX_FILE_BYTES, with framing), or 0"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def largest_body(self) -> int:
+        """Bytes of the largest /classify body the per-request limits let through."""
+        from service.upload import UploadLimits
+
+        return UploadLimits(self.max_files, self.max_file_bytes, self.body_timeout_s).max_body_bytes
+
+    @property
+    def body_budget(self) -> int:
+        """GUARD_BODY_BUDGET_BYTES, or (0) twice the largest valid request."""
+        return self.body_budget_bytes or 2 * self.largest_body
 
     @property
     def warm_up_batch(self) -> int:

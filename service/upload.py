@@ -3,19 +3,22 @@
 Bytes are counted as they arrive (with or without Content-Length, chunked or not), a file is refused as
 soon as it passes its size limit, the file count as soon as one file too many starts, and the whole body
 has one deadline. Nothing is spooled to disk: a request holds at most `max_files` x `max_file_bytes` in
-memory, and is refused the moment it would hold more. A client that disconnects mid-upload gets
+memory, and is refused the moment it would hold more; all requests together hold at most the body budget
+(`BodyBudget`), past which a request is refused (503) as its body arrives. A client that disconnects mid-upload gets
 `ClientGone` (499), not a server error.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive
 
-from service.errors import ClientGone, MalformedRequest, NoFiles, RequestTimeout, TooLarge, TooManyFiles
+from service.errors import ClientGone, MalformedRequest, NoFiles, Overloaded, RequestTimeout, TooLarge, TooManyFiles
 
 PART_HEADER_BYTES = 8 << 10  # most header bytes one part may carry (a browser sends about 150)
 FRAMING_BYTES = 16 << 10  # per file: its part headers and boundary, with room to spare
@@ -32,6 +35,42 @@ class UploadLimits:
     def max_body_bytes(self) -> int:
         """The largest body a valid request can have: every file at its limit, plus framing."""
         return (self.max_files + EXTRA_PARTS) * (self.max_file_bytes + FRAMING_BYTES)
+
+
+class BodyBudget:
+    """Bytes of upload bodies held at once across all requests (GUARD_BODY_BUDGET_BYTES). Each request is bounded
+    on its own (`UploadLimits`), but many at once are not: past the budget a request is refused (503) as its body
+    arrives, not queued, so the bytes held stay bounded whatever the number of clients."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.used = capacity, 0
+
+    @contextmanager
+    def hold(self) -> Iterator[BodyHold]:
+        """A request's share: what it takes is given back when the request is done with its body."""
+        share = BodyHold(self)
+        try:
+            yield share
+        finally:
+            self.used -= share.taken
+
+    def take(self, share: BodyHold, n: int) -> None:
+        if self.used + n > self.capacity:
+            raise Overloaded(
+                f"uploads in flight hold the body budget ({self.capacity} bytes, GUARD_BODY_BUDGET_BYTES); "
+                "retry shortly", headers={"Retry-After": "1"},
+            )  # fmt: skip
+        self.used += n
+        share.taken += n
+
+
+@dataclass
+class BodyHold:
+    budget: BodyBudget
+    taken: int = 0
+
+    def take(self, n: int) -> None:
+        self.budget.take(self, n)
 
 
 @dataclass
@@ -146,8 +185,11 @@ def check_declared_length(content_length: str | None, limits: UploadLimits) -> N
         )
 
 
-async def read_uploads(receive: Receive, content_type: str, limits: UploadLimits) -> list[tuple[str | None, bytes]]:
-    """Every `files` part of the body as (filename, bytes), in order; raises a typed error on any limit."""
+async def read_uploads(
+    receive: Receive, content_type: str, limits: UploadLimits, hold: BodyHold | None = None
+) -> list[tuple[str | None, bytes]]:
+    """Every `files` part of the body as (filename, bytes), in order; raises a typed error on any limit. `hold`: the
+    request's share of the body budget, which each chunk is taken from as it arrives."""
     collector = _Collector(limits)
     parser = MultipartParser(boundary_of(content_type), collector.callbacks())  # type: ignore[arg-type]
     received = 0
@@ -161,6 +203,8 @@ async def read_uploads(receive: Receive, content_type: str, limits: UploadLimits
                 received += len(chunk)
                 if received > limits.max_body_bytes:
                     raise TooLarge(f"request body exceeds {limits.max_body_bytes} bytes")
+                if hold is not None:
+                    hold.take(len(chunk))
                 if chunk:
                     parser.write(chunk)
                 if not message.get("more_body", False):

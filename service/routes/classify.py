@@ -173,17 +173,23 @@ async def classify(
     ] = None,
     x_api_key: ApiKey = None,
 ) -> Response:
-    try:
-        limits = _admit(request, runtime, x_api_key)
-        uploads = await read_uploads(request.receive, request.headers["content-type"], limits)
-    except ClientGone as err:
-        log.info("client %s: %s", request.client.host if request.client else "?", err.message)
-        raise
-    except GuardError as err:
-        # Refused before the body was read to its end: close the connection rather than read the rest of
-        # a body we will not use (keep-alive would have to drain it first).
-        err.headers = {**(err.headers or {}), "Connection": "close"}
-        raise
+    with runtime.body_budget.hold() as hold:  # the upload's bytes count against the budget until the answer
+        try:
+            limits = _admit(request, runtime, x_api_key)
+            uploads = await read_uploads(request.receive, request.headers["content-type"], limits, hold)
+        except ClientGone as err:
+            log.info("client %s: %s", request.client.host if request.client else "?", err.message)
+            raise
+        except GuardError as err:
+            # Refused before the body was read to its end: close the connection rather than read the rest of
+            # a body we will not use (keep-alive would have to drain it first).
+            err.headers = {**(err.headers or {}), "Connection": "close"}
+            raise
+        return await _answer(runtime, uploads, "restored" in (include or []))
+
+
+async def _answer(runtime: Runtime, uploads: list[tuple[str | None, bytes]], with_images: bool) -> Response:
+    """The verdicts on a request's uploads: decoded, guarded in a batch, rendered."""
     start = time.perf_counter()
     headers = runtime.decoder.headers(uploads)  # cheap, and every file's size is known before any decoding
     with runtime.batcher.admission(len(uploads)):
@@ -193,7 +199,6 @@ async def classify(
         result = await runtime.batcher.guard(images)
     counted(runtime, result)
     names = [name for name, _ in uploads]
-    with_images = "restored" in (include or [])
     manifest = runtime.bundle.manifest
     start = time.perf_counter()
     if with_images:  # PNG-encoding the restorations is real work: off the event loop

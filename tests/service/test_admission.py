@@ -90,6 +90,35 @@ def test_many_small_parts_cannot_pass_the_body_limit() -> None:
     assert r.received <= (settings.max_files + 16) * (settings.max_file_bytes + (16 << 10)) + 300_000
 
 
+def test_uploads_in_flight_are_held_to_the_body_budget() -> None:
+    """Each request is bounded, many at once are not: past GUARD_BODY_BUDGET_BYTES a request gets 503 as its body
+    arrives, and the bytes go back to the budget when a request ends, however it ends."""
+    limits = {"models_dir": MODELS, "max_files": 2, "max_file_bytes": 100_000}
+    settings = Settings(**limits, body_budget_bytes=Settings(**limits).largest_body)  # the least it may be
+
+    async def scenario():
+        async with running(settings) as app:
+            budget = app.state.runtime.body_budget
+            # a slow client: most of the budget in a part that is not a file, then nothing more
+            holding = (part_head(name="other", filename=None), b"x" * (settings.largest_body - 200_000))
+            slow = asyncio.ensure_future(exchange(app, holding, then="stall"))
+            async with asyncio.timeout(10):  # its bytes reach the budget as they arrive
+                while budget.used < settings.largest_body - 200_000:
+                    await asyncio.sleep(0.01)
+            refused = await exchange(app, chunks_of(multipart(small_png()) + b"x" * 300_000))
+            alongside = await exchange(app, chunks_of(multipart(small_png())))  # small enough to fit beside it
+            slow.cancel()
+            await asyncio.gather(slow, return_exceptions=True)
+            after = await exchange(app, chunks_of(multipart(small_png()) + b"x" * 300_000))
+            return refused, alongside, after, budget.used
+
+    refused, alongside, after, used = run(scenario())
+    assert refused.status == 503 and error_code(refused) == "overloaded", refused.body
+    assert refused.headers.get("connection") == "close" and refused.headers.get("retry-after") == "1"
+    assert alongside.status == 200 and used == 0
+    assert after.status != 503  # the slow client's bytes went back (whatever the padding makes of the request)
+
+
 @pytest.mark.parametrize("count", [65, 66, 100, 300])
 def test_too_many_files_is_413_at_any_count(count: int) -> None:
     async def scenario():
@@ -238,3 +267,12 @@ def test_a_small_request_decodes_without_handing_the_loop_to_others() -> None:
     assert run(scenario(headers)) is False
     assert run(scenario([big])) is True  # past the inline size: a thread, and the loop serves others meanwhile
     decoder.close()
+
+
+def test_a_body_budget_below_the_largest_valid_request_is_refused() -> None:
+    """Such a request could never be admitted: a setting that contradicts the others stops the start."""
+    largest = Settings(models_dir=MODELS).largest_body
+    assert Settings(models_dir=MODELS).body_budget == 2 * largest  # 0: twice the largest valid request
+    assert Settings(models_dir=MODELS, body_budget_bytes=largest).body_budget == largest
+    with pytest.raises(ValueError, match="GUARD_BODY_BUDGET_BYTES"):
+        Settings(models_dir=MODELS, body_budget_bytes=largest - 1)
