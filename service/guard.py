@@ -86,10 +86,17 @@ class Fusion:
 
     def surprise(self, name: str, score: np.ndarray) -> np.ndarray:
         """-log(1 - percentile), computed without rounding the far tail to infinity."""
-        table, top = self.quantiles[name], float(self.levels[-1])
+        table = self.quantiles[name]
         body = np.interp(score, table, self.levels, left=0.0)
-        excess = np.maximum(score - table[-1], 0.0) / self.tail_scale[name]
-        return np.where(score > table[-1], -math.log1p(-top) + excess, -np.log1p(-np.minimum(body, top)))
+        return self._surprise(score, body, table[-1], self.tail_scale[name])
+
+    def _surprise(self, score: np.ndarray, body: np.ndarray, last: Any, scale: Any) -> np.ndarray:
+        """The surprise from a score, its table's percentile `body`, the table's last quantile and the tail's scale
+        (scalars for one signal, (S, 1) columns for `surprise_matrix`'s rows): below the last quantile the
+        table's, above it the exponential tail's."""
+        top = float(self.levels[-1])
+        excess = np.maximum(score - last, 0.0) / scale
+        return np.where(score > last, -math.log1p(-top) + excess, -np.log1p(-np.minimum(body, top)))
 
     @cached_property
     def _tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,10 +113,8 @@ class Fusion:
         is most of the guard's time after the model calls)."""
         tables, last, scales = self._tables
         x = np.stack([np.asarray(scores[name], np.float64) for name in self.quantiles])
-        top = float(self.levels[-1])
         body = np.stack([np.interp(row, table, self.levels, left=0.0) for row, table in zip(x, tables, strict=True)])
-        excess = np.maximum(x - last, 0.0) / scales
-        return np.where(x > last, -math.log1p(-top) + excess, -np.log1p(-np.minimum(body, top)))
+        return self._surprise(x, body, last, scales)
 
     def surprises(self, scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Signal name -> raw scores (every signal of the fusion) -> signal name -> surprises."""
