@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.guard import GuardResult
+from service.manifest import real
 
 if TYPE_CHECKING:
     from service.bundle import Bundle
 
+A_RATE = real(0, 1)  # the manifest's own check of a finite number in [0, 1] (NaN, bools and strings fail it)
 TOLERANCE = 0.10  # how far a rate may fall from the recorded one (or rise past the target FPR) before start-up stops
 
 
@@ -65,10 +67,8 @@ def recorded_rate(key: Any, entry: Any, classes: int) -> tuple[int, float] | Non
     that is NaN would pass any comparison, so it is a problem, never a pass."""
     if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < classes):
         return None
-    rate = entry.get("fused_tpr") if isinstance(entry, Mapping) else None
-    if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 <= rate <= 1:  # NaN fails 0 <= NaN
-        return None
-    return int(key), float(rate)
+    rate: Any = entry.get("fused_tpr") if isinstance(entry, Mapping) else None
+    return None if A_RATE(rate) is not None else (int(key), float(rate))
 
 
 def stand_ins(bundle: Bundle, original_labels: np.ndarray) -> tuple[list[Probe], list[str]]:

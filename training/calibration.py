@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 
@@ -65,9 +65,8 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         """The choices its type names, checked: the config also comes from JSON (a manifest's configs, a user's
         file), where any other value would silently take the other branch."""
-        choices = {"strip_blend": ("sum", "mean"), "fusion": ("max", "fisher"), "label_source": ("both", "best")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        for name, hint in get_type_hints(CalibrationConfig).items():
+            if get_origin(hint) is Literal and getattr(self, name) not in (allowed := get_args(hint)):
                 raise ValueError(f"calibration {name} {getattr(self, name)!r}: choose from {list(allowed)}")
         if not 0 < self.target_fpr < 1:
             raise ValueError(f"calibration target_fpr {self.target_fpr!r} must lie in (0, 1)")
