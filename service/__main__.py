@@ -58,7 +58,7 @@ def verify(settings: Settings) -> None:
         if runtime.guarded:  # the service's self-test too
             test = self_test(runtime.bundle, lambda x: runtime.pipeline.run_in_chunks(x, runtime.chunk_images))
             test.check()
-            tested = "; self-test flagged " + ", ".join(f"{p} {r:.1%}" for p, r in test.rates.items())
+            tested = f"; self-test flagged {test.summary()}"
     except (BundleError, OSError, ValueError) as err:  # ValueError includes the guard's NonFiniteScore
         sys.stderr.write(f"backdoor-guard: bundle {settings.models_dir} failed verification: {err}\n")
         raise SystemExit(1) from None

@@ -145,7 +145,7 @@ class Runtime:
                 test = await self_test_async(self.bundle, self.batcher.guard)
                 for probe, rate in test.rates.items():
                     self.metrics.self_test.labels(probe=probe).set(rate)
-                log.info("self-test: flagged %s", ", ".join(f"{p} {r:.1%}" for p, r in test.rates.items()))
+                log.info("self-test: flagged %s", test.summary())
                 test.check()
         except asyncio.CancelledError:
             raise

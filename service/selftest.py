@@ -98,6 +98,10 @@ class SelfTest:
     rates: dict[str, float]  # probe -> the share of its images the guard flagged
     problems: list[str]
 
+    def summary(self) -> str:
+        """The rates as a line: "clean 2.0%, stand_in_0 99.6%"."""
+        return ", ".join(f"{probe} {rate:.1%}" for probe, rate in self.rates.items())
+
     def check(self) -> None:
         if self.problems:
             raise SelfTestFailed(

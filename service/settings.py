@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.upload import UploadLimits
 
 # The bundle shipped with the repository: the embedded default.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -131,11 +135,16 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def largest_body(self) -> int:
-        """Bytes of the largest /classify body the per-request limits let through."""
+    def upload_limits(self) -> UploadLimits:
+        """The per-request limits of a /classify upload."""
         from service.upload import UploadLimits
 
-        return UploadLimits(self.max_files, self.max_file_bytes, self.body_timeout_s).max_body_bytes
+        return UploadLimits(self.max_files, self.max_file_bytes, self.body_timeout_s)
+
+    @property
+    def largest_body(self) -> int:
+        """Bytes of the largest /classify body the per-request limits let through."""
+        return self.upload_limits.max_body_bytes
 
     @property
     def body_budget(self) -> int:

@@ -54,15 +54,6 @@ class BodyBudget:
         finally:
             self.used -= share.taken
 
-    def take(self, share: BodyHold, n: int) -> None:
-        if self.used + n > self.capacity:
-            raise Overloaded(
-                f"uploads in flight hold the body budget ({self.capacity} bytes, GUARD_BODY_BUDGET_BYTES); "
-                "retry shortly", headers={"Retry-After": "1"},
-            )  # fmt: skip
-        self.used += n
-        share.taken += n
-
 
 @dataclass
 class BodyHold:
@@ -70,7 +61,14 @@ class BodyHold:
     taken: int = 0
 
     def take(self, n: int) -> None:
-        self.budget.take(self, n)
+        budget = self.budget
+        if budget.used + n > budget.capacity:
+            raise Overloaded(
+                f"uploads in flight hold the body budget ({budget.capacity} bytes, GUARD_BODY_BUDGET_BYTES); "
+                "retry shortly", headers={"Retry-After": "1"},
+            )  # fmt: skip
+        budget.used += n
+        self.taken += n
 
 
 @dataclass

@@ -90,7 +90,7 @@ def _admit(request: Request, runtime: Runtime, x_api_key: str | None) -> UploadL
     s = runtime.settings
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
         raise WrongContentType("send multipart/form-data with one or more file parts named `files`")
-    limits = UploadLimits(s.max_files, s.max_file_bytes, s.body_timeout_s)
+    limits = s.upload_limits
     check_declared_length(request.headers.get("content-length"), limits)
     return limits
 
