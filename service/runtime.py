@@ -166,7 +166,9 @@ def check_warm_up(result: GuardResult) -> None:
         raise ValueError("warm-up produced non-finite scores")
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    """The loaded runtime. `async` although it awaits nothing: FastAPI runs a plain `def` dependency in its thread
+    pool, a thread hop on every request for a dictionary lookup."""
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
         raise NotReady("the models are not loaded")

@@ -70,7 +70,13 @@ class Prediction:
         return _frozen(self.probs.max(axis=1))
 
     def take(self, sl: slice) -> Prediction:
-        return Prediction(self.logits[sl], self.features[sl])
+        """Images sl of the batch, with what was already computed for the batch (a slice of a read-only array is
+        read-only): each request's share is rendered on the event loop, which would otherwise compute it again."""
+        part = Prediction(self.logits[sl], self.features[sl])
+        for name in ("probs", "labels", "confidence"):
+            if name in self.__dict__:
+                part.__dict__[name] = self.__dict__[name][sl]
+        return part
 
 
 @dataclass

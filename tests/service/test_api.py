@@ -345,3 +345,23 @@ def test_limits_that_contradict_each_other_are_refused() -> None:
     with pytest.raises(ValueError, match="GUARD_DECODE_BUDGET_PIXELS"):
         Settings(models_dir=MODELS, decode_budget_pixels=1000)
     Settings(models_dir=MODELS, max_queue=4, max_files=4, max_batch=4)  # a warm-up of 4 fits
+
+
+def test_request_dependencies_run_on_the_event_loop(
+    client: TestClient, samples: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI runs a plain `def` dependency in its thread pool: a thread hop on every request for what is a
+    dictionary lookup. The guarded request path's dependencies are `async`, so none costs one."""
+    import fastapi.dependencies.utils
+
+    hops: list[Any] = []
+    real = fastapi.dependencies.utils.run_in_threadpool
+
+    async def spy(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(fastapi.dependencies.utils, "run_in_threadpool", spy)
+    r = client.post("/classify", files=files(png(samples["clean"][0])))
+    assert r.status_code == 200, r.text
+    assert hops == []

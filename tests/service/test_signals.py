@@ -205,3 +205,21 @@ def test_mahalanobis_fit_and_score_hand_computed() -> None:
         fit_gaussian(features, labels, 3)  # no clean image of class 2: its mean is unknown
     with pytest.raises(ValueError, match="finite"):
         MahalanobisSignal(g["means"], np.full((2, 2), np.nan), None)
+
+
+def test_a_slice_of_a_prediction_keeps_what_the_batch_computed() -> None:
+    """Each request's share of a batch is rendered on the event loop: the labels and probabilities the guard
+    thread computed for the batch come with the slice (read-only, equal to computing them afresh), and what the
+    batch never computed is still computed on first use."""
+    logits = RNG.normal(size=(8, 5)).astype(np.float32)
+    whole = Prediction(logits, logits)
+    _ = whole.labels, whole.confidence
+    part = whole.take(slice(2, 6))
+    fresh = Prediction(logits[2:6], logits[2:6])
+    assert {"labels", "probs", "confidence"} <= part.__dict__.keys()  # carried, not computed again
+    for name in ("labels", "probs", "confidence"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(fresh, name))
+        assert not getattr(part, name).flags.writeable
+    lazy = Prediction(logits, logits).take(slice(0, 3))
+    assert "labels" not in lazy.__dict__
+    np.testing.assert_array_equal(lazy.labels, logits[:3].argmax(axis=1))
