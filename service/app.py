@@ -98,11 +98,11 @@ def create_app(settings: Settings, loader: BundleLoader = load_bundle) -> FastAP
     async def http_error(request: Any, exc: Exception) -> Any:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)  # e.g. Allow on 405
+        return error_response(request, exc.status_code, code, str(exc.detail), headers=exc.headers)  # e.g. Allow on 405
 
     async def validation_error(request: Any, exc: Exception) -> Any:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_request", str(exc.errors()))
+        return error_response(request, 422, "invalid_request", str(exc.errors()))
 
     async def non_finite_score(request: Any, exc: Exception) -> Any:
         return await guard_error_handler(request, GuardFailure(str(exc)))

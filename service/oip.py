@@ -39,6 +39,10 @@ OUTPUTS = {
     "repaired_label": ("INT64", "what the repaired model says (bundles that run the repaired signal)"),
 }
 PLAIN_OUTPUTS = ("label", "confidence", "original_label")
+# The one version of the model a service serves (a bundle is one model): the protocol's optional
+# /v2/models/{name}/versions/{version}/... routes answer for it as the routes without a version do.
+MODEL_VERSION = "1"
+EXTENSIONS = ["binary_tensor_data"]  # Triton's name for the binary tensor extension this service speaks
 SIGNAL_SUFFIX = "_score"
 
 
@@ -74,17 +78,30 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     return request, rest
 
 
-def _flat(data: Any) -> list[Any]:
-    """JSON tensor data, flat or nested row-major, -> a flat list."""
+def _flat(data: Any, shape: list[int]) -> list[Any]:
+    """JSON tensor data -> a flat list: flat (row-major; the caller checks the count), or nested exactly as `shape`,
+    every list at depth d holding shape[d] items and values only at the last depth. Anything else is refused:
+    ragged lists, or axes in another order, would pass a count of the values and be read as other images."""
     if not isinstance(data, list):
         raise _fail("an input's data must be a list")
+    if not any(isinstance(item, list) for item in data):
+        return data
+    if len(data) != shape[0]:
+        raise _fail(f"{INPUT}'s nested data holds {len(data)} images; its shape {shape} says {shape[0]}")
     out: list[Any] = []
-    stack = [iter(data)]
+    stack = [(iter(data), 0)]
     while stack:
-        for item in stack[-1]:
+        items, depth = stack[-1]
+        for item in items:
             if isinstance(item, list):
-                stack.append(iter(item))
+                if depth + 1 == len(shape) or len(item) != shape[depth + 1]:
+                    raise _fail(f"{INPUT}'s nested data does not follow its shape {shape}: nest it as the shape "
+                                "says, or send it flat")  # fmt: skip
+                stack.append((iter(item), depth + 1))
                 break
+            if depth != len(shape) - 1:
+                raise _fail(f"{INPUT}'s nested data does not follow its shape {shape}: a value where a list of "
+                            f"{shape[depth + 1]} belongs")  # fmt: skip
             out.append(item)
         else:
             stack.pop()
@@ -132,7 +149,7 @@ def parse_request(
     else:
         if binary:
             raise _fail("binary data follows the JSON but no input says binary_data_size")
-        flat = _flat(tensor.get("data"))
+        flat = _flat(tensor.get("data"), shape)
         if len(flat) != count:
             raise _fail(f"{INPUT} has {len(flat)} values; shape {shape} needs {count}")
         kind = (int, float) if datatype == "FP32" else (int,)
@@ -168,15 +185,17 @@ def _outputs(request: dict[str, Any], known: set[str]) -> list[tuple[str, bool]]
         raise _fail("parameters must be an object")
     all_binary = params.get("binary_data_output", False) is True
     asked = request.get("outputs")
-    if asked is None:
+    if asked is None or asked == []:  # none named: every output (Triton's reading of an empty list too)
         return [(name, all_binary) for name in sorted(known, key=output_order)]
     if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
         raise _fail("outputs must be a list of objects")
-    out = []
+    out: list[tuple[str, bool]] = []
     for o in asked:
         name, parameters = o.get("name"), o.get("parameters") or {}
         if not isinstance(name, str) or name not in known:
             raise _fail(f"no output {name!r}; this model gives {sorted(known, key=output_order)}")
+        if any(name == n for n, _ in out):  # as Triton; and each output at most once bounds the answer's size
+            raise _fail(f"output {name!r} is asked for more than once")
         if not isinstance(parameters, dict):
             raise _fail(f"output {name!r}: parameters must be an object")
         out.append((name, parameters.get("binary_data", all_binary) is True))

@@ -70,7 +70,7 @@ class ClassifyResponse(BaseModel):
 class ServerMetadata(BaseModel):
     name: str = "backdoor-guard"
     version: str
-    extensions: list[str] = Field(default_factory=list, description="KServe v2 protocol extensions (none)")
+    extensions: list[str] = Field(description="protocol extensions: binary_tensor_data (binary tensors after the JSON)")
     models: list[str] = Field(description="the model this server guards; its metadata is at /v2/models/{name}")
 
 
@@ -85,6 +85,7 @@ class ModelMetadata(BaseModel):
     bundle_sha256: str = Field(
         description="the bundle's root digest: SHA-256 of manifest.json, which lists every file's SHA-256"
     )
+    versions: list[str] = Field(description="the model's versions: one, also served at /v2/models/{name}/versions/{v}")
     platform: str = "onnxruntime"
     providers: list[str]
     inputs: list[dict[str, Any]] = Field(description="POST /v2/models/{name}/infer's input: images [-1, C, H, W]")

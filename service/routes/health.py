@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v2")
 
 @router.get("", response_model=ServerMetadata, summary="The server: name, version and the model it guards")
 async def server_metadata(runtime: RuntimeDep) -> ServerMetadata:
-    return ServerMetadata(version=__version__, models=[runtime.bundle.manifest["name"]])
+    return ServerMetadata(version=__version__, extensions=oip.EXTENSIONS, models=[runtime.bundle.manifest["name"]])
 
 
 @router.get("/health/live", response_model=Health, summary="The process is up")
@@ -31,13 +31,23 @@ async def live() -> Health:
     "/health/ready",
     response_model=Health,
     summary="Every model is loaded and a warm-up inference passed",
-    responses=responses(NotReady),
+    responses=responses(NotReady, oip=True),
 )
 async def ready(runtime: RuntimeDep) -> Any:
     if not runtime.ready:
         detail = runtime.warmup_error or "warming up"
         return JSONResponse(Health(status="not_ready", detail=detail).model_dump(), status_code=503)
     return Health(status="ready")
+
+
+def model_named(runtime: Runtime, name: str, version: str | None = None) -> str:
+    """The guarded model's name, if `name` (and `version`, where the route has one) are this service's; else 404."""
+    model = runtime.bundle.manifest["name"]
+    if name != model:
+        raise UnknownModel(f"no model named {name!r}; this service guards {model!r}")
+    if version is not None and version != oip.MODEL_VERSION:
+        raise UnknownModel(f"model {model!r} has no version {version!r}; it has version {oip.MODEL_VERSION}")
+    return model
 
 
 def _served_thresholds(runtime: RuntimeDep) -> dict[str, Any]:
@@ -66,17 +76,17 @@ def oip_outputs(runtime: Runtime) -> set[str]:
     "/models/{name}",
     response_model=ModelMetadata,
     summary="The guarded model: inputs, classes, thresholds and the Neural Cleanse scan",
-    responses=responses(UnknownModel, NotReady),
+    responses=responses(UnknownModel, NotReady, oip=True),
 )
 async def model_metadata(name: str, runtime: RuntimeDep) -> ModelMetadata:
     manifest = runtime.bundle.manifest
-    if name != manifest["name"]:
-        raise UnknownModel(f"no model named {name!r}; this service guards {manifest['name']!r}")
+    model_named(runtime, name)
     classifier = manifest["files"]["classifier"]
     metrics = {k: v for k, v in manifest.get("metrics", {}).items() if k != "stage_seconds"}
     return ModelMetadata(
         name=manifest["name"],
         sha256=classifier["sha256"],
+        versions=[oip.MODEL_VERSION],
         bundle_sha256=runtime.bundle.digest,
         providers=runtime.bundle.sessions["classifier"].get_providers(),
         inputs=[
@@ -98,3 +108,14 @@ async def model_metadata(name: str, runtime: RuntimeDep) -> ModelMetadata:
         neural_cleanse=manifest["neural_cleanse"],
         metrics=metrics,
     )
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_model=ModelMetadata,
+    summary="The guarded model's metadata, by version (its one version: the same as /v2/models/{name})",
+    responses=responses(UnknownModel, NotReady, oip=True),
+)
+async def model_version_metadata(name: str, version: str, runtime: RuntimeDep) -> ModelMetadata:
+    model_named(runtime, name, version)
+    return await model_metadata(name, runtime)

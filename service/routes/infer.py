@@ -31,7 +31,7 @@ from service.errors import (
     responses,
 )
 from service.routes.classify import ApiKey, admit, counted
-from service.routes.health import oip_outputs
+from service.routes.health import model_named, oip_outputs
 from service.runtime import Runtime, RuntimeDep
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,6 @@ INFER_BODY = {
         },
     }
 }
-
-
-def _model(runtime: Runtime, name: str) -> str:
-    model = runtime.bundle.manifest["name"]
-    if name != model:
-        raise UnknownModel(f"no model named {name!r}; this service guards {model!r}")
-    return model
 
 
 def body_limit(runtime: Runtime) -> int:
@@ -91,20 +84,30 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 
 @router.get(
     "/{name}/ready", summary="The model is loaded and warmed up (Open Inference Protocol)",
-    responses=responses(UnknownModel, NotReady),
+    responses=responses(UnknownModel, NotReady, oip=True),
 )  # fmt: skip
 async def model_ready(name: str, runtime: RuntimeDep) -> Any:
-    _model(runtime, name)
+    model_named(runtime, name)
     if not runtime.ready:
         return JSONResponse({"name": name, "ready": False}, status_code=503)
     return {"name": name, "ready": True}
+
+
+@router.get(
+    "/{name}/versions/{version}/ready",
+    summary="The model's one version is loaded and warmed up (as /v2/models/{name}/ready)",
+    responses=responses(UnknownModel, NotReady, oip=True),
+)
+async def model_version_ready(name: str, version: str, runtime: RuntimeDep) -> Any:
+    model_named(runtime, name, version)
+    return await model_ready(name, runtime)
 
 
 @router.post(
     "/{name}/infer",
     summary="Guard a batch of images sent as a tensor (Open Inference Protocol, JSON or binary tensors)",
     openapi_extra=INFER_BODY,
-    responses=responses(*INFER_ERRORS),
+    responses=responses(*INFER_ERRORS, oip=True),
 )
 async def infer(
     name: str,
@@ -116,7 +119,7 @@ async def infer(
     ] = None,
 ) -> Response:
     admit(runtime, x_api_key)
-    model = _model(runtime, name)
+    model = model_named(runtime, name)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise WrongContentType(f"Content-Encoding {encoding!r}: send the request uncompressed")
@@ -132,3 +135,24 @@ async def infer(
     headers = {"Inference-Header-Content-Length": str(json_length)} if json_length is not None else None
     media = "application/octet-stream" if json_length is not None else "application/json"
     return Response(content, media_type=media, headers=headers)
+
+
+@router.post(
+    "/{name}/versions/{version}/infer",
+    summary="Guard a batch of images with the model's one version (as /v2/models/{name}/infer)",
+    openapi_extra=INFER_BODY,
+    responses=responses(*INFER_ERRORS, oip=True),
+)
+async def infer_version(
+    name: str,
+    version: str,
+    request: Request,
+    runtime: RuntimeDep,
+    x_api_key: ApiKey = None,
+    inference_header_content_length: Annotated[
+        str | None, Header(description="binary tensors: the length of the JSON part of the body")
+    ] = None,
+) -> Response:
+    admit(runtime, x_api_key)  # the key first, as without a version: an unknown version tells nothing unauthorised
+    model_named(runtime, name, version)
+    return await infer(name, request, runtime, x_api_key, inference_header_content_length)

@@ -197,7 +197,7 @@ def test_server_metadata_names_the_guarded_model(client: TestClient) -> None:
     assert server == {
         "name": "backdoor-guard",
         "version": __version__,
-        "extensions": [],
+        "extensions": ["binary_tensor_data"],  # Triton's name for the binary tensors /infer takes and gives
         "models": ["fashion-mnist-kwon"],
     }
     assert client.get(f"/v2/models/{server['models'][0]}").status_code == 200

@@ -77,6 +77,17 @@ def test_tritonclient_gets_the_labels_and_verdicts_classify_gives(
     assert {"label", "confidence", "backdoor", "score", "original_label", "restored_label", "repaired_label"} <= names
     assert {"detrigger_score", "activation_score", "repaired_score", "expert_score", "mahalanobis_score"} <= names
     assert result.as_numpy("label").tolist() == [r["label"] for r in answers]
+    # the model's one version, and a refusal the client can read (it fails to print an error that is not a string)
+    assert triton_client.is_model_ready(NAME, model_version="1") and not triton_client.is_model_ready(NAME, "2")
+    assert (
+        triton_client.infer(NAME, [images], model_version="1").as_numpy("label").tolist()
+        == result.as_numpy("label").tolist()
+    )
+    wrong = triton.InferInput("images", [1, 1, 28, 27], "UINT8")
+    wrong.set_data_from_numpy(np.zeros((1, 1, 28, 27), np.uint8))
+    with pytest.raises(triton.InferenceServerException) as refused:
+        triton_client.infer(NAME, [wrong])
+    assert "this model takes [B, 1, 28, 28]" in str(refused.value) and refused.value.status() == "400"
 
 
 def test_json_tensors_nested_or_flat_give_the_same_answer(client: TestClient, batch: tuple) -> None:
@@ -121,7 +132,67 @@ def test_a_request_the_guard_cannot_trust_is_refused(
 ) -> None:
     response = client.post(INFER, json=request_body)
     assert response.status_code == status, response.text
-    assert message in response.json()["error"]["message"]
+    assert message in response.json()["error"]
+
+
+def test_nested_data_must_follow_the_shape(client: TestClient, batch: tuple) -> None:
+    """Nested data is read only as its shape says: ragged lists, or the same values nested with the axes in another
+    order, add up to the right count but would be read as other images, so they are refused, not judged."""
+    x = to_model_input(batch[0][8:10])  # two triggered images
+    good = client.post(INFER, json={"inputs": [{**tensor(x), "data": x.tolist()}], "outputs": [{"name": "label"}]})
+    assert good.status_code == 200, good.text
+    flat = x.ravel().tolist()
+    wrong = [
+        x.reshape(28, 2, 1, 28).tolist(),  # the right count, nested as another shape
+        [flat[:1567], flat[1567:]],  # ragged
+        [x[0].tolist(), flat[784:]],  # one image nested, the other flat
+        [[[[*row, 0.0] for row in img[0]]] for img in x.tolist()],  # a row too long
+        [[[[[v] for v in row] for row in img[0]]] for img in x.tolist()],  # nested deeper than the shape
+    ]
+    for data in wrong:
+        response = client.post(INFER, json={"inputs": [{**tensor(x), "data": data}]})
+        assert response.status_code == 400, response.text
+        assert "shape" in response.json()["error"], response.json()
+
+
+def test_outputs_are_each_asked_once_and_an_empty_list_asks_for_all(client: TestClient, batch: tuple) -> None:
+    x = to_model_input(batch[0][:1])
+    twice = client.post(INFER, json={"inputs": [tensor(x)], "outputs": [{"name": "label"}, {"name": "label"}]})
+    assert twice.status_code == 400 and "more than once" in twice.json()["error"]
+    every = client.post(INFER, json={"inputs": [tensor(x)]}).json()
+    empty = client.post(INFER, json={"inputs": [tensor(x)], "outputs": []}).json()
+    assert [o["name"] for o in empty["outputs"]] == [o["name"] for o in every["outputs"]] and len(every["outputs"]) > 5
+
+
+def test_errors_take_the_protocols_shape_on_its_routes(client: TestClient) -> None:
+    """The protocol's error is a string ({"error": "..."}): Triton's client fails to even print an object there.
+    The code and the image index sit beside it; /classify keeps its own shape."""
+    refused = client.post(INFER, json={"inputs": []})
+    assert refused.status_code == 400
+    assert refused.json() == {"error": refused.json()["error"], "code": "bad_request", "file_index": None}
+    assert isinstance(refused.json()["error"], str) and "exactly one input" in refused.json()["error"]
+    unknown = client.get("/v2/models/other/ready")
+    assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_model"
+    assert isinstance(client.get("/v2/nowhere").json()["error"], str)  # the 404 of no route, too
+    assert client.post("/classify", content=b"x", headers={"content-type": "text/plain"}).json()["error"]["code"] == (
+        "unsupported_media_type"
+    )
+
+
+def test_the_models_one_version_is_served_at_the_versioned_routes(client: TestClient, batch: tuple) -> None:
+    x = to_model_input(batch[0][:2])
+    meta = client.get(f"/v2/models/{NAME}").json()
+    assert meta["versions"] == ["1"]
+    assert client.get(f"/v2/models/{NAME}/versions/1").json() == meta
+    assert client.get(f"/v2/models/{NAME}/versions/1/ready").json() == {"name": NAME, "ready": True}
+    plain = client.post(INFER, json={"inputs": [tensor(x)]}).json()
+    versioned = client.post(f"/v2/models/{NAME}/versions/1/infer", json={"inputs": [tensor(x)]}).json()
+    assert versioned == plain
+    for path in (f"/v2/models/{NAME}/versions/2", f"/v2/models/{NAME}/versions/2/ready"):
+        response = client.get(path)
+        assert response.status_code == 404 and "no version '2'" in response.json()["error"], response.text
+    response = client.post(f"/v2/models/{NAME}/versions/2/infer", json={"inputs": [tensor(x)]})
+    assert response.status_code == 404 and response.json()["code"] == "unknown_model"
 
 
 def test_nan_binary_tensors_and_sizes_that_do_not_add_up_are_refused(client: TestClient) -> None:
@@ -131,9 +202,9 @@ def test_nan_binary_tensors_and_sizes_that_do_not_add_up_are_refused(client: Tes
                                    "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
     headers = {"Inference-Header-Content-Length": str(len(head))}
     response = client.post(INFER, content=head + x.tobytes(), headers=headers)
-    assert response.status_code == 400 and response.json()["error"]["file_index"] == 1
+    assert response.status_code == 400 and response.json()["file_index"] == 1
     response = client.post(INFER, content=head + x.tobytes()[:-4], headers=headers)
-    assert response.status_code == 400 and "binary_data_size" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "binary_data_size" in response.json()["error"]
     response = client.post(INFER, content=head, headers={"Inference-Header-Content-Length": "99999"})
     assert response.status_code == 400
 
