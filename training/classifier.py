@@ -238,15 +238,23 @@ def load_classifier(path: Path, contract: Preprocessing = Preprocessing()) -> nn
     if path.suffix == ".pt2":
         model: nn.Module = LogitsAndFeatures(torch.export.load(str(path)).module()).eval()
         described = "x".join(map(str, contract.chw))
+        probe = torch.rand(3, *contract.chw, generator=torch.Generator().manual_seed(0))
         try:  # the guard runs batches of any size: a program exported for one fixed batch cannot serve
             with torch.no_grad():
-                model(torch.zeros(3, *contract.chw))
+                batch, alone = model(probe)[0], model(probe[:1])[0]
         except Exception as err:
             raise ValueError(
-                f"{path}: the exported program does not run on a batch of 3 images of {described} ({err}); export it "
-                "with a dynamic batch, e.g. dynamic_shapes={'x': {0: torch.export.Dim('batch')}}, for inputs of "
-                "the data's shape (or pass --size/--color for the shape it takes)"
+                f"{path}: the exported program does not run on a batch of 3 images of {described} "
+                f"({type(err).__name__}: {err}). If it was exported for one batch size, export it with a dynamic "
+                "batch, e.g. dynamic_shapes={'x': {0: torch.export.Dim('batch')}}; if it takes another shape, pass "
+                "--size/--color for it; it must return the logits (or a tuple whose first item they are)"
             ) from err
+        if not torch.allclose(batch[:1], alone, rtol=1e-4, atol=1e-4):
+            raise ValueError(
+                f"{path}: an image's output depends on the other images in its batch (largest change "
+                f"{float((batch[:1] - alone).abs().max()):.3g}): BatchNorm or dropout still in training mode? Call "
+                "model.eval() before torch.export.export"
+            )
     else:
         meta, state = load_checkpoint(path)
         if meta["arch"] not in ARCHS:

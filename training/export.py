@@ -86,7 +86,7 @@ def export_onnx(
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     gap = parity(module, path, example, input_names)
-    if gap > config.parity_tolerance:
+    if not gap <= config.parity_tolerance:  # a NaN gap (the model gives NaN) fails too
         raise ParityError(f"{path.name}: ONNX Runtime differs from PyTorch by {gap:.3g} > {config.parity_tolerance}")
     log.info("exported %s (%d bytes), parity %.2e", path.name, path.stat().st_size, gap)
     return {

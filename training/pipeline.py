@@ -52,6 +52,9 @@ from training.repair import RepairConfig, repair, suspects
 
 log = logging.getLogger(__name__)
 # The order `all` runs them in; `control` (a clean model for Neural Cleanse's false-alarm check) is optional.
+# A given classifier must label the calibration images better than chance by this share of the way to 100%
+# (Builder.check_given_classifier): 32.5% for 10 classes, 50% for 3, 62.5% for 2.
+MIN_GAIN_OVER_CHANCE = 0.25
 STAGES = (
     "data", "classifier", "control", "masked-ae", "detrigger-ae", "neural-cleanse", "repair", "expert", "export",
     "calibrate", "metrics",
@@ -304,9 +307,38 @@ class Builder:
 
     def stage_classifier(self) -> None:
         if self.user_classifier is not None:
-            log.info("using the given classifier %s; nothing to train", self.user_classifier)
+            self.check_given_classifier()
             return
         self._train_classifier(self.config.attack_config, self.classifier_path)
+
+    def check_given_classifier(self) -> None:
+        """The given classifier against the labelled calibration split, before any stage builds on it: as many
+        outputs as the data has classes, and clearly better than chance. A model fed other inputs than it was
+        trained on (a normalisation left out, another size, the classes in another order) scores near chance and
+        would give a bundle that guards nothing; refused here with the likely causes, not found stages later."""
+        model = self.load_classifier(self.user_classifier)  # type: ignore[arg-type]  # checked by the caller
+        labels = self.dataset.calibration.labels
+        with torch.no_grad():
+            chunks = [model(torch.from_numpy(self.x_cal[i : i + 512]))[0] for i in range(0, len(labels), 512)]
+        logits = torch.cat(chunks)
+        classes = self.num_classes
+        if logits.shape[1] != classes:
+            raise ValueError(
+                f"{self.user_classifier} gives {logits.shape[1]} outputs; the data has {classes} classes "
+                f"({', '.join(self.dataset.class_names)}): one output per class, in the classes' order"
+            )
+        accuracy = float((logits.argmax(1).numpy() == labels).mean())
+        chance = 1 / classes
+        floor = chance + MIN_GAIN_OVER_CHANCE * (1 - chance)
+        if not accuracy >= floor:
+            raise ValueError(
+                f"{self.user_classifier} labels {accuracy:.1%} of the {len(labels)} calibration images right (chance "
+                f"{chance:.1%}; at least {floor:.1%} needed): it is likely fed other inputs than it was trained on. "
+                "Check --mean/--std (its own normalisation), --size/--color, and that the class folders sort in the "
+                f"order of its outputs ({', '.join(self.dataset.class_names)})"
+            )
+        log.info("using the given classifier %s (%.1f%% of the calibration images right); nothing to train",
+                 self.user_classifier, 100 * accuracy)  # fmt: skip
 
     def stage_masked_ae(self) -> None:
         self._autoencoder("masked-ae", self.config.masked_ae, train_masked)
