@@ -78,7 +78,7 @@ bench: $(VENV)/.dev-installed data
 	$(BIN)/python bench/run.py
 
 # reports/soak.md: 20,000 mixed 1-8 image requests and 64-image batches under `hey`, the service's RSS sampled
-# (about 10 minutes on 2 cores); exits 1 on any error or if 64-image batches push RSS past 1.5x the steady state.
+# (about 3 minutes on 2 cores); exits 1 on any error or if 64-image batches push RSS past 1.5x the steady state.
 soak: $(VENV)/.dev-installed data
 	@command -v hey >/dev/null || $(APT) hey
 	$(BIN)/python bench/soak.py

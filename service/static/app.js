@@ -12,6 +12,13 @@ function fmt(value) {
   return Math.abs(value) >= 0.001 || value === 0 ? value.toPrecision(3) : value.toExponential(2);
 }
 
+// A score or threshold in [0, 1] that sits next to 1 (the fused verdict's usually do) as 1 - x, so that a score
+// of 1 and a threshold of 0.99996 do not both read "1.00".
+function fmtUnit(value) {
+  if (typeof value === "number" && value > 0.999 && value < 1) return `1 − ${(1 - value).toExponential(1)}`;
+  return fmt(value);
+}
+
 function pct(p) {
   return `${(100 * p).toFixed(p > 0.999 && p < 1 ? 2 : 1)}%`;
 }
@@ -106,7 +113,7 @@ function render(r, originalSrc, raw) {
     small.textContent = "the service runs with GUARD_SIGNALS=none: the model's own label, not judged";
   } else {
     verdict.append(r.backdoor ? "Backdoor trigger detected" : "No backdoor trigger found");
-    small.textContent = `fused score ${fmt(r.score)} ${r.backdoor ? ">" : "≤"} threshold ${fmt(r.threshold)}` +
+    small.textContent = `fused score ${fmtUnit(r.score)} ${r.backdoor ? ">" : "≤"} threshold ${fmtUnit(r.threshold)}` +
       (flagged.length ? ` · flagged by ${flagged.join(", ")}` : " · no signal fired");
   }
   verdict.append(small);

@@ -10,6 +10,9 @@ import numpy as np
 
 from tests.docker.prometheus_live import DASHBOARD, Prometheus, grafana_expr
 
+# What a heatmap panel's buckets measure, by the histogram it draws.
+HEATMAP_AXES = {"guard_fused_surprise": "surprise -ln(1 - score)", "guard_strip_entropy": "entropy (log2)"}
+
 
 def _legend(fmt: str, metric: dict) -> str:
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: metric.get(m[1], ""), fmt) or "value"
@@ -74,7 +77,8 @@ def render(prom: Prometheus, start: float, end: float, out: Path) -> None:
             ax.imshow(np.log1p(counts), aspect="auto", origin="lower", cmap="Oranges", interpolation="nearest")
             ax.set_yticks(range(len(bounds))[::2], [f"≤{b}" for b in bounds][::2])
             ax.set_xticks([])
-            ax.set_ylabel("entropy (log2)")
+            expr = panel["targets"][0]["expr"]
+            ax.set_ylabel(next((label for metric, label in HEATMAP_AXES.items() if metric in expr), ""))
             continue
         for target in panel["targets"]:
             for series in prom.query_range(grafana_expr(target["expr"]), start, end):

@@ -1,6 +1,7 @@
 """The demo page at GET /, driven in headless Chromium against the real service process."""
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def test_uploading_a_triggered_sample_shows_the_verdict_and_the_restored_image(b
     assert set(shown["signals"]) == {"detrigger", "activation", "repaired", "expert", "mahalanobis"}
     assert shown["signals"]["detrigger"] == "triggered"
     assert browser.find_element("id", "original-label").text.startswith("T-shirt/top"), "the attacker's label"
+    # the fused score and its threshold both sit next to 1: shown apart (they both read "1.00" before)
+    assert re.search(r"threshold 1 − \d\.\de-\d+", shown["verdict"]), shown["verdict"]
     browser.save_screenshot(str(screenshot_dir() / "web-page.png"))
 
 
