@@ -64,6 +64,10 @@ ORIENTATIONS = {
     8: Image.Transpose.ROTATE_90,
 }
 
+# The orientations that turn the picture a quarter (its height and width swap)
+QUARTER_TURNS = (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                 Image.Transpose.ROTATE_270)  # fmt: skip
+
 # A JPEG is decoded at a reduced scale only while it stays at least this many times the contract's longer side:
 # the 8x8 DCT averaging is then small next to the resize filter (measured: within 2 levels, 1 almost everywhere).
 DRAFT_OVERSAMPLING = 16
@@ -141,7 +145,7 @@ def decode_pixels(header: Header, index: int, contract: Preprocessing) -> np.nda
         side = DRAFT_OVERSAMPLING * max(contract.width, contract.height)
         draft = image.draft(None, (side, side))  # JPEG only (None for the others): libjpeg's DCT scaling
         image.load()  # the first frame: Image.open positions every format there
-        transpose = _upright(image)
+        transpose = upright(image)
         if image.mode == "I" and image.format == "PNG":
             image = image.convert("I;16")  # older Pillow versions: 16-bit grayscale, values 0..65535
         return image_to_pixels(image, contract, box=draft[1] if draft else None, transpose=transpose)
@@ -156,13 +160,19 @@ def decode(data: bytes, index: int, name: str | None, contract: Preprocessing, m
     return decode_pixels(open_image(data, index, name, max_pixels), index, contract)
 
 
-def _upright(image: Image.Image) -> Image.Transpose | None:
+def upright(image: Image.Image) -> Image.Transpose | None:
     """The transpose that EXIF orientation asks for; None when there is none or the EXIF block is unreadable."""
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation)
     except PILLOW_ERRORS_OR_WARNINGS:  # e.g. "Corrupt EXIF data": the orientation is then unknown
         return None
     return ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of the picture as decoded: EXIF orientations 5 to 8 turn it a quarter, swapping them."""
+    turned = upright(image) in QUARTER_TURNS
+    return (image.width, image.height) if turned else (image.height, image.width)
 
 
 def png_base64(image: np.ndarray) -> str:

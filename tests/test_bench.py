@@ -184,3 +184,24 @@ def test_without_strip_every_image_costs_the_same_and_the_report_says_why(fashio
     (text,) = bench._passes_paragraph(r)
     assert "**4.00** per clean image, **4.00** per triggered one (kwon); 4 by the signals' own count" in text
     assert "STRIP's overlays" not in text and "The bundle runs no STRIP (make cost" in text
+
+
+def test_the_scan_check_finds_stamped_images_in_a_folder_and_reports_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """bench/scan_check.py on a small stamped set: its counts come from the scan's own verdicts, by file name."""
+    spec = importlib.util.spec_from_file_location("scan_check", MODELS.parent / "bench" / "scan_check.py")
+    assert spec is not None and spec.loader is not None
+    scan_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scan_check)
+    import numpy as np
+
+    pixels = np.zeros((3, 28, 28), np.uint8)
+    scan_check.write_folder(tmp_path, pixels, np.array([0, 0, 1]), ("T-shirt/top", "Trouser"), {2})
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == [
+        "T-shirt-top/clean-00000.png", "T-shirt-top/clean-00001.png", "Trouser/stamped-00002.png",
+    ]  # fmt: skip
+    report = {"command": "python bench/scan_check.py", "machine": "2 cores", "images": 3, "stamped": 1,
+              "stamped_flagged": 1, "clean": 2, "clean_flagged": 0, "clean_flag_rate": 0.0, "most_suspicious": 3,
+              "most_suspicious_stamped": 1, "flagged": 1, "pushed_to_first": ["T-shirt/top", 1], "errors": 0,
+              "seconds": 0.5, "images_per_s": 6.0}  # fmt: skip
+    text = scan_check.render(report)
+    assert "| stamped images flagged | 1 of 1 |" in text and "T-shirt/top: 1 of 1" in text

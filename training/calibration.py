@@ -70,6 +70,8 @@ class CalibrationConfig:
                 raise ValueError(f"calibration {name} {getattr(self, name)!r}: choose from {list(allowed)}")
         if not 0 < self.target_fpr < 1:
             raise ValueError(f"calibration target_fpr {self.target_fpr!r} must lie in (0, 1)")
+        if not 0 <= self.repair_share < 1:
+            raise ValueError(f"calibration repair_share {self.repair_share!r} must lie in [0, 1)")
 
 
 def _order(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,6 +83,14 @@ def _order(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, n
     order = np.random.default_rng(config.seed).permutation(n)
     cut = config.bank_size + n_repair
     return order[: config.bank_size], order[config.bank_size : cut], order[cut:]
+
+
+def min_calibration_images(config: CalibrationConfig) -> int:
+    """The fewest calibration images `_order` accepts under `config` (the bank, the repair share, two halves)."""
+    n = config.bank_size + 3
+    while config.bank_size + int(config.repair_share * n) >= n - 2:
+        n += 1
+    return n
 
 
 def split_calibration(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.decode import IMAGE_SUFFIXES, decode  # the service's decoder: EXIF, 16-bit PNG, alpha
+from service.decode import IMAGE_SUFFIXES, decode, upright_size  # the service's decoder: EXIF, 16-bit PNG, alpha
 from service.errors import GuardError
 from service.preprocess import Preprocessing, image_to_pixels, nhwc
 
@@ -193,7 +193,12 @@ def load_dataset(config: DataConfig) -> Dataset:
 
 
 # ---- a user's own data ------------------------------------------------------------------------------------------
-SPLIT_FOLDERS = {"train": "train", "val": "calibration", "test": "test"}  # ImageFolder split -> ours
+# ImageFolder split folder -> ours, with the other names datasets use for them (a valid/ beside train/ was dropped)
+SPLIT_FOLDERS = {
+    "train": "train", "training": "train",
+    "val": "calibration", "valid": "calibration", "validation": "calibration",
+    "test": "test", "testing": "test",
+}  # fmt: skip
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 MAX_PIXELS = 1 << 28  # a training image may be large; the service's own limit is for uploads
 
@@ -231,7 +236,12 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
     """torchvision's ImageFolder: class = folder name (sorted), images anywhere below it."""
-    splits = {SPLIT_FOLDERS[d.name]: d for d in root.iterdir() if d.is_dir() and d.name in SPLIT_FOLDERS}
+    splits: dict[str, Path] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_FOLDERS):
+        split = SPLIT_FOLDERS[d.name.lower()]
+        if split in splits:
+            raise ValueError(f"{root}: {splits[split].name}/ and {d.name}/ are both the {split} split; keep one")
+        splits[split] = d
     if splits and "train" not in splits:
         raise ValueError(f"{root}: has {sorted(d.name for d in splits.values())}/ but no train/ split folder")
     tops = splits or {"all": root}
@@ -244,13 +254,17 @@ def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
     }
     if not any(files.values()):
         raise ValueError(f"{root}: no images with suffixes {IMAGE_SUFFIXES} in the class folders")
+    found = {y for items in files.values() for _, y in items}
+    if empty := [n for i, n in enumerate(names) if i not in found]:  # torchvision refuses these too
+        raise ValueError(f"{root}: class folder(s) {empty} hold no images with suffixes {IMAGE_SUFFIXES}; a class "
+                         "the model has an output for needs images, or remove the folder")  # fmt: skip
     sizes: Counter[tuple[int, int]] = Counter()
     colour = False
     for split_files in files.values():  # headers only: the size and the mode, no pixels decoded
         for f, _ in split_files:
             try:
                 with Image.open(f) as im:
-                    sizes[(im.height, im.width)] += 1
+                    sizes[upright_size(im)] += 1  # as decoded: upright, EXIF orientation applied
                     colour = colour or im.mode not in GRAY_MODES
             except OSError as err:  # Pillow's UnidentifiedImageError is one
                 raise ValueError(f"{f}: cannot be read as an image ({err}); remove it or fix it") from err
@@ -277,6 +291,12 @@ def _load_npz(path: Path, config: DataConfig) -> Dataset:
     if "x" not in data or "y" not in data:
         raise ValueError(f"{path}: needs arrays x (images) and y (labels), has {sorted(data)}")
     parts = {"all": ("x", "y"), "calibration": ("x_val", "y_val"), "test": ("x_test", "y_test")}
+    for xk, yk in parts.values():
+        if (xk in data) != (yk in data):
+            raise ValueError(f"{path}: has {xk if xk in data else yk} without {yk if xk in data else xk}")
+    for _, yk in parts.values():
+        if yk in data and not (np.issubdtype(data[yk].dtype, np.integer) or _whole(data[yk])):
+            raise ValueError(f"{path}: {yk} must hold whole numbers (class indices), has {data[yk].dtype} values")
     raw = {
         split: (nhwc(data[xk], f"{path}:{xk}"), data[yk].astype(np.int64).ravel())
         for split, (xk, yk) in parts.items()
@@ -289,9 +309,14 @@ def _load_npz(path: Path, config: DataConfig) -> Dataset:
     if labels.min() < 0:
         raise ValueError(f"{path}: labels must be 0..K-1, found {labels.min()}")
     n_classes = int(labels.max()) + 1
-    names = tuple(str(n) for n in data["class_names"]) if "class_names" in data else tuple(map(str, range(n_classes)))
+    names = tuple(_name(n) for n in data["class_names"]) if "class_names" in data else tuple(map(str, range(n_classes)))
     if len(names) < n_classes:
         raise ValueError(f"{path}: {len(names)} class_names for labels up to {n_classes - 1}")
+    if missing := sorted(set(range(len(names))) - set(labels.tolist())):
+        raise ValueError(
+            f"{path}: no image has label(s) {missing[:10]} (of 0..{len(names) - 1}); labels must be 0..K-1 with every "
+            "class present (labels counted from 1 leave class 0 empty)"
+        )
     sizes: Counter[tuple[int, int]] = Counter()
     for x, _ in raw.values():
         sizes[(x.shape[1], x.shape[2])] += len(x)
@@ -306,6 +331,18 @@ def _load_npz(path: Path, config: DataConfig) -> Dataset:
 
     arrays = {split: Split(fit(x), y) for split, (x, y) in raw.items()}
     return _split(path.stem, arrays, names, contract, config)
+
+
+def _whole(values: np.ndarray) -> bool:
+    """Float labels that are whole numbers (a label array saved as float); 0.9 would silently become class 0."""
+    return bool(
+        np.issubdtype(values.dtype, np.floating) and np.isfinite(values).all() and (values == np.round(values)).all()
+    )
+
+
+def _name(value: object) -> str:
+    """A class name as an .npz holds it: str, or bytes (numpy's S dtype), which str() would write as "b'cat'"."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _split(

@@ -33,7 +33,13 @@ from training.autoencoders import (
     train_detrigger,
     train_masked,
 )
-from training.calibration import CalibrationConfig, calibrate, repair_indices, split_calibration
+from training.calibration import (
+    CalibrationConfig,
+    calibrate,
+    min_calibration_images,
+    repair_indices,
+    split_calibration,
+)
 from training.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier, unwrap
 from training.common import copy_checkpoint, load_checkpoint, predict, save_checkpoint, to_jsonable, write_json
 from training.data import DataConfig, Dataset, load_dataset
@@ -287,6 +293,13 @@ class Builder:
     # ---- stages -----------------------------------------------------------------------------------
     def stage_data(self) -> None:
         ds = self.dataset
+        c = self.config.calibration
+        if len(ds.calibration) < (least := min_calibration_images(c)):  # found here, not stages later at repair
+            raise ValueError(
+                f"{ds.name}: {len(ds.calibration)} calibration images; the build needs at least {least} (a STRIP bank "
+                f"of {c.bank_size}, a repair share of {c.repair_share:.0%}, two halves to set thresholds on): give "
+                "more images, or a val/ split folder (x_val/y_val in an .npz) of that many"
+            )
         log.info(
             "%s: train %d / calibration %d / test %d images, %d classes, %s %dx%d",
             ds.name, len(ds.train), len(ds.calibration), len(ds.test), self.num_classes,

@@ -147,3 +147,73 @@ def test_a_named_datasets_contract_takes_the_resample_asked_for(fashion_mnist) -
 
     assert load_dataset(DataConfig(resample="bilinear")).contract.resample == "bilinear"  # it was left at unscale
     assert load_dataset(DataConfig()).contract == Preprocessing()  # the shipped bundle's contract, unchanged
+
+
+def test_a_users_data_is_refused_where_it_would_be_read_wrong(tmp_path: Path) -> None:
+    """What an .npz or an ImageFolder would silently get wrong: labels counted from 1 (class 0 empty), float labels
+    that are not whole, x_val without y_val, an empty class folder; and a valid/ folder is the calibration split
+    (it was dropped), bytes class names are names (not "b'cat'")."""
+    from PIL import Image
+
+    from training.data import load_dataset
+
+    def load(path: Path) -> object:
+        return load_dataset(DataConfig(dataset="path", path=str(path)))
+
+    x, y = np.zeros((40, 8, 8), np.uint8), np.repeat(np.arange(4), 10)
+    cases = {
+        "one_based": ({"x": x, "y": y + 1}, r"no image has label\(s\) \[0\]"),
+        "fractions": ({"x": x, "y": y + 0.9}, "whole numbers"),
+        "half_split": ({"x": x, "y": y, "x_val": x[:8]}, "has x_val without y_val"),
+    }
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=message):
+            load(tmp_path / f"{name}.npz")
+    np.savez(tmp_path / "bytes.npz", x=x, y=y, class_names=np.array([b"cat", b"dog", b"eel", b"fox"]))
+    assert load(tmp_path / "bytes.npz").class_names == ("cat", "dog", "eel", "fox")  # type: ignore[attr-defined]
+    np.savez(tmp_path / "floats.npz", x=x, y=y.astype(np.float32))
+    assert load(tmp_path / "floats.npz").class_names == ("0", "1", "2", "3")  # type: ignore[attr-defined]
+
+    root = tmp_path / "folder"
+    for split, n in (("train", 12), ("valid", 4), ("test", 4)):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(root / split / label / f"{i}.png")
+    ds = load(root)
+    assert len(ds.calibration) == 8 and len(ds.train) == 24  # type: ignore[attr-defined]
+    (root / "train" / "c").mkdir()
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['c'\] hold no images"):
+        load(root)
+
+
+def test_an_image_folders_size_is_the_pictures_as_decoded_upright(tmp_path: Path) -> None:
+    """Pictures stored on their side with an EXIF orientation that turns them: the contract's size is the
+    upright picture's (10 x 12 here), as the decoder gives it, not the stored one's (it squashed every image)."""
+    from PIL import Image
+
+    from training.data import load_dataset
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(10):
+            stored = Image.fromarray(np.full((12, 10), 20 * i + 10, np.uint8))  # 12 high, 10 wide as stored
+            exif = Image.Exif()
+            exif[0x0112] = 6  # rotate 90 degrees clockwise to view: 10 high, 12 wide
+            stored.save(tmp_path / label / f"{i}.jpg", exif=exif)
+    contract = load_dataset(DataConfig(dataset="path", path=str(tmp_path))).contract
+    assert (contract.height, contract.width) == (10, 12)
+
+
+def test_too_few_calibration_images_stop_the_build_at_its_data_stage(tmp_path: Path) -> None:
+    from training.calibration import CalibrationConfig, min_calibration_images
+
+    x, y = np.zeros((600, 8, 8), np.uint8), np.repeat(np.arange(3), 200)
+    np.savez(tmp_path / "small.npz", x=x, y=y)  # 20% of the 480 left after the test set calibrates: 96
+    data = DataConfig(dataset="path", path=str(tmp_path / "small.npz"))
+    least = min_calibration_images(CalibrationConfig())
+    with pytest.raises(ValueError, match=f"96 calibration images; the build needs at least {least}"):
+        Builder(BuildConfig(data=data), tmp_path / "out", tmp_path / "work").run("data")
+    with pytest.raises(ValueError, match="repair_share"):
+        CalibrationConfig(repair_share=1.0)
