@@ -226,6 +226,17 @@ def _contract(config: DataConfig, sizes: Counter[tuple[int, int]], colour: bool)
     )
 
 
+def _has_colour(image: Image.Image) -> bool:
+    """Whether a picture can hold colour, from its header: a palette image (GIF, palette PNG) only if a palette
+    entry is not grey (a grey GIF gave an RGB contract)."""
+    if image.mode in GRAY_MODES:
+        return False
+    if image.mode in ("P", "PA"):
+        palette = image.getpalette() or []
+        return any(not (r == g == b) for r, g, b in zip(palette[0::3], palette[1::3], palette[2::3], strict=False))
+    return True
+
+
 def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -265,7 +276,7 @@ def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
             try:
                 with Image.open(f) as im:
                     sizes[upright_size(im)] += 1  # as decoded: upright, EXIF orientation applied
-                    colour = colour or im.mode not in GRAY_MODES
+                    colour = colour or _has_colour(im)
             except OSError as err:  # Pillow's UnidentifiedImageError is one
                 raise ValueError(f"{f}: cannot be read as an image ({err}); remove it or fix it") from err
     contract = _contract(config, sizes, colour)

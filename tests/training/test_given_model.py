@@ -217,3 +217,17 @@ def test_too_few_calibration_images_stop_the_build_at_its_data_stage(tmp_path: P
         Builder(BuildConfig(data=data), tmp_path / "out", tmp_path / "work").run("data")
     with pytest.raises(ValueError, match="repair_share"):
         CalibrationConfig(repair_share=1.0)
+
+
+def test_grey_palette_images_give_a_grey_contract(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from training.data import load_dataset
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).convert("P").save(tmp_path / label / f"{i}.gif")
+    assert load_dataset(DataConfig(dataset="path", path=str(tmp_path))).contract.color == "L"
+    Image.fromarray(np.full((8, 8, 3), (200, 0, 0), np.uint8)).convert("P").save(tmp_path / "a" / "red.gif")
+    assert load_dataset(DataConfig(dataset="path", path=str(tmp_path))).contract.color == "RGB"
