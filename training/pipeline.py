@@ -57,10 +57,10 @@ from training.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, ru
 from training.repair import RepairConfig, repair, suspects
 
 log = logging.getLogger(__name__)
-# The order `all` runs them in; `control` (a clean model for Neural Cleanse's false-alarm check) is optional.
 # A given classifier must label the calibration images better than chance by this share of the way to 100%
 # (Builder.check_given_classifier): 32.5% for 10 classes, 50% for 3, 62.5% for 2.
 MIN_GAIN_OVER_CHANCE = 0.25
+# The order `all` runs them in; `control` (a clean model for Neural Cleanse's false-alarm check) is optional.
 STAGES = (
     "data", "classifier", "control", "masked-ae", "detrigger-ae", "neural-cleanse", "repair", "expert", "export",
     "calibrate", "metrics",

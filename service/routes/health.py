@@ -31,7 +31,7 @@ async def live() -> Health:
     "/health/ready",
     response_model=Health,
     summary="Every model is loaded and a warm-up inference passed",
-    responses=responses(NotReady, oip=True),
+    responses={503: {"model": Health, "description": "not ready: warming up, or the start-up self-test failed"}},
 )
 async def ready(runtime: RuntimeDep) -> Any:
     if not runtime.ready:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
@@ -56,6 +57,10 @@ INFER_BODY = {
         },
     }
 }
+
+
+# The Inference-Header-Content-Length header
+HeaderLength = Annotated[str | None, Header(description="binary tensors: the length of the JSON part of the body")]
 
 
 def body_limit(runtime: Runtime) -> int:
@@ -103,28 +108,57 @@ async def model_version_ready(name: str, version: str, runtime: RuntimeDep) -> A
     return await model_ready(name, runtime)
 
 
+@dataclass(frozen=True)
+class InferCall:
+    """What an inference request brings besides the model's name (and version): one dependency for both routes."""
+
+    request: Request
+    runtime: Runtime
+    api_key: str | None
+    header_length: str | None  # Inference-Header-Content-Length: binary tensors follow the JSON
+
+
+async def infer_call(
+    request: Request,
+    runtime: RuntimeDep,
+    x_api_key: ApiKey = None,
+    inference_header_content_length: HeaderLength = None,
+) -> InferCall:
+    return InferCall(request, runtime, x_api_key, inference_header_content_length)
+
+
+InferCallDep = Annotated[InferCall, Depends(infer_call)]
+
+
 @router.post(
     "/{name}/infer",
     summary="Guard a batch of images sent as a tensor (Open Inference Protocol, JSON or binary tensors)",
     openapi_extra=INFER_BODY,
     responses=responses(*INFER_ERRORS, oip=True),
 )
-async def infer(
-    name: str,
-    request: Request,
-    runtime: RuntimeDep,
-    x_api_key: ApiKey = None,
-    inference_header_content_length: Annotated[
-        str | None, Header(description="binary tensors: the length of the JSON part of the body")
-    ] = None,
-) -> Response:
-    admit(runtime, x_api_key)
-    model = model_named(runtime, name)
+async def infer(name: str, call: InferCallDep) -> Response:
+    return await _infer(call, name)
+
+
+@router.post(
+    "/{name}/versions/{version}/infer",
+    summary="Guard a batch of images with the model's one version (as /v2/models/{name}/infer)",
+    openapi_extra=INFER_BODY,
+    responses=responses(*INFER_ERRORS, oip=True),
+)
+async def infer_version(name: str, version: str, call: InferCallDep) -> Response:
+    return await _infer(call, name, version)
+
+
+async def _infer(call: InferCall, name: str, version: str | None = None) -> Response:
+    request, runtime = call.request, call.runtime
+    admit(runtime, call.api_key)  # the key first: an unknown name or version tells nothing unauthorised
+    model = model_named(runtime, name, version)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise WrongContentType(f"Content-Encoding {encoding!r}: send the request uncompressed")
     body = await read_body(request, body_limit(runtime), runtime.settings.body_timeout_s)
-    head, binary = oip.split_body(body, inference_header_content_length)
+    head, binary = oip.split_body(body, call.header_length)
     known = oip_outputs(runtime)
     parsed = oip.parse_request(head, binary, runtime.bundle.preprocessing, runtime.settings.max_files, known)
     with runtime.batcher.admission(len(parsed.images)):
@@ -135,24 +169,3 @@ async def infer(
     headers = {"Inference-Header-Content-Length": str(json_length)} if json_length is not None else None
     media = "application/octet-stream" if json_length is not None else "application/json"
     return Response(content, media_type=media, headers=headers)
-
-
-@router.post(
-    "/{name}/versions/{version}/infer",
-    summary="Guard a batch of images with the model's one version (as /v2/models/{name}/infer)",
-    openapi_extra=INFER_BODY,
-    responses=responses(*INFER_ERRORS, oip=True),
-)
-async def infer_version(
-    name: str,
-    version: str,
-    request: Request,
-    runtime: RuntimeDep,
-    x_api_key: ApiKey = None,
-    inference_header_content_length: Annotated[
-        str | None, Header(description="binary tensors: the length of the JSON part of the body")
-    ] = None,
-) -> Response:
-    admit(runtime, x_api_key)  # the key first, as without a version: an unknown version tells nothing unauthorised
-    model_named(runtime, name, version)
-    return await infer(name, request, runtime, x_api_key, inference_header_content_length)
