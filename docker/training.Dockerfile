@@ -22,7 +22,8 @@ COPY pyproject.toml README.md /src/
 # training/ imports service/: one guard implementation for calibration, evaluation and serving.
 COPY training /src/training
 COPY service /src/service
-RUN pip install "/src[train]"
+# the serve extra too: training imports service/, whose errors and decoding use FastAPI's and pydantic's types
+RUN pip install "/src[train,serve]"
 RUN groupadd --system --gid 10001 trainer \
  && useradd --system --uid 10001 --gid trainer --create-home --shell /usr/sbin/nologin trainer \
  && mkdir /out && chown trainer:trainer /out

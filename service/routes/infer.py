@@ -34,6 +34,7 @@ from service.errors import (
 from service.routes.classify import ApiKey, admit, counted
 from service.routes.health import model_named, oip_outputs
 from service.runtime import Runtime, RuntimeDep
+from service.upload import BodyHold
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v2/models")
@@ -68,7 +69,9 @@ def body_limit(runtime: Runtime) -> int:
     return 64 * 1024 + runtime.settings.max_files * math.prod(runtime.bundle.preprocessing.chw) * JSON_BYTES_PER_VALUE
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float, hold: BodyHold) -> bytes:
+    """The body, at most `limit` bytes, each counted against the upload budget (`hold`) as it arrives: many slow
+    inference requests at once are bounded as /classify's uploads are. Refused mid-body: the connection closes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"the request body is {declared} bytes; at most {limit}", headers={"Connection": "close"})
@@ -79,6 +82,11 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 size += len(chunk)
                 if size > limit:
                     raise TooLarge(f"the request body exceeds {limit} bytes", headers={"Connection": "close"})
+                try:
+                    hold.take(len(chunk))
+                except Overloaded as err:
+                    err.headers = {**(err.headers or {}), "Connection": "close"}
+                    raise
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s (GUARD_BODY_TIMEOUT_S)") from None
@@ -157,13 +165,14 @@ async def _infer(call: InferCall, name: str, version: str | None = None) -> Resp
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise WrongContentType(f"Content-Encoding {encoding!r}: send the request uncompressed")
-    body = await read_body(request, body_limit(runtime), runtime.settings.body_timeout_s)
-    head, binary = oip.split_body(body, call.header_length)
-    known = oip_outputs(runtime)
-    parsed = oip.parse_request(head, binary, runtime.bundle.preprocessing, runtime.settings.max_files, known)
-    with runtime.batcher.admission(len(parsed.images)):
-        runtime.metrics.queue.set(runtime.batcher.pending)
-        result = await runtime.batcher.guard(parsed.images)
+    with runtime.body_budget.hold() as hold:  # the body's bytes count against the budget until the answer
+        body = await read_body(request, body_limit(runtime), runtime.settings.body_timeout_s, hold)
+        head, binary = oip.split_body(body, call.header_length)
+        known = oip_outputs(runtime)
+        parsed = oip.parse_request(head, binary, runtime.bundle.preprocessing, runtime.settings.max_files, known)
+        with runtime.batcher.admission(len(parsed.images)):
+            runtime.metrics.queue.set(runtime.batcher.pending)
+            result = await runtime.batcher.guard(parsed.images)
     counted(runtime, result)
     content, json_length = oip.encode_response(model, parsed, result, runtime.guarded)
     headers = {"Inference-Header-Content-Length": str(json_length)} if json_length is not None else None

@@ -192,3 +192,17 @@ def test_the_service_lock_pins_the_serve_extra_and_no_torch() -> None:
 def test_onnx_runtime_threads_come_from_the_environment() -> None:
     assert str(compose()["services"]["guard"]["environment"]["GUARD_ORT_THREADS"]) == "0"
     assert str(compose({"GUARD_ORT_THREADS": "2"})["services"]["guard"]["environment"]["GUARD_ORT_THREADS"]) == "2"
+
+
+def test_the_training_image_installs_what_training_imports() -> None:
+    """training/ imports service/ (one guard for calibration and serving), whose errors and decoding use FastAPI's
+    and pydantic's types: the train extra alone left `python -m training` failing on import."""
+    import tomllib
+
+    commands = dockerfile.parse_file(str(ROOT / "docker" / "training.Dockerfile"))
+    installs = [c.value[0] for c in commands if c.cmd == "RUN"]
+    (src,) = [r for r in installs if "/src[" in r]
+    extras = set(re.search(r"/src\[([^\]]+)\]", src).group(1).split(","))  # type: ignore[union-attr]
+    assert {"train", "serve"} <= extras, src
+    serve = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    assert any(d.startswith("fastapi") for d in serve) and "from fastapi" in (ROOT / "service/errors.py").read_text()

@@ -51,8 +51,39 @@ def test_every_overlay_renders_and_validates(overlay: str) -> None:
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)  # raises on any schema error
 
 
-def container_rules(container: dict[str, Any], pod_security: dict[str, Any]) -> None:
+def image_entry() -> tuple[list[str], list[str]]:
+    """(ENTRYPOINT, CMD) of the service image's final stage, as the Dockerfile parser reads them."""
+    import dockerfile
+
+    entry: list[str] = []
+    cmd: list[str] = []
+    for c in dockerfile.parse_file(str(ROOT / "docker" / "service.Dockerfile")):
+        if c.cmd == "FROM":
+            entry, cmd = [], []  # a new stage
+        elif c.cmd == "ENTRYPOINT":
+            entry = list(c.value)
+        elif c.cmd == "CMD":
+            cmd = list(c.value)
+    return entry, cmd
+
+
+def runs(container: dict[str, Any]) -> list[str]:
+    """What Kubernetes runs in the container: `command` replaces the image's ENTRYPOINT, `args` its CMD."""
+    entry, cmd = image_entry()
+    if "command" in container:
+        return [*container["command"], *container.get("args", [])]
+    return [*entry, *container.get("args", cmd)]
+
+
+def container_rules(container: dict[str, Any], pod: dict[str, Any], pod_security: dict[str, Any]) -> None:
     """What every guard container must do, in a Deployment or a KServe predictor."""
+    # the image's own command: `args` alone replace its CMD and, with no ENTRYPOINT, would run a program `serve`
+    assert runs(container) == ["backdoor-guard", "serve"], runs(container)
+    # a pause before SIGTERM, while the endpoint's removal spreads, and time after it for requests in flight
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    shutdown = int({e["name"]: e.get("value") for e in container["env"]}["GUARD_SHUTDOWN_TIMEOUT_S"])
+    assert pause >= 5 and pod["terminationGracePeriodSeconds"] > pause + shutdown
+    assert any(e["name"] == "GUARD_API_KEY" and e["valueFrom"]["secretKeyRef"]["optional"] for e in container["env"])
     env = {e["name"]: e.get("value") for e in container["env"]}
     limits, requests = container["resources"]["limits"], container["resources"]["requests"]
     assert env["GUARD_ORT_THREADS"] == limits["cpu"] == requests["cpu"]  # threads match the cores it gets
@@ -72,7 +103,7 @@ def test_the_deployment_is_locked_down_pinned_and_probed() -> None:
     deployment = one(objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    container_rules(container, pod["securityContext"])
+    container_rules(container, pod, pod["securityContext"])
     assert pod["automountServiceAccountToken"] is False
     assert "replicas" not in deployment["spec"]  # the autoscaler owns it; an apply would fight it
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -118,5 +149,5 @@ def test_the_kserve_predictor_is_the_same_locked_down_guard() -> None:
     predictor = service["spec"]["predictor"]
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"  # what KServe requires of a custom predictor's container
-    container_rules(container, predictor["securityContext"])
+    container_rules(container, predictor, predictor["securityContext"])
     assert container["ports"][0]["containerPort"] == 8000 and predictor["minReplicas"] >= 2

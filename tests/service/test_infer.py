@@ -288,3 +288,21 @@ def test_a_bundle_holding_the_repaired_model_without_its_signal_answers_without_
     assert answered.status_code == 200, answered.text
     assert "repaired_label" not in outputs(answered.json()) and "repaired_label" not in listed
     assert "repaired_score" not in listed and "label" in listed
+
+
+def test_inference_bodies_count_against_the_upload_budget(client: TestClient, batch: tuple) -> None:
+    """Many slow /infer requests at once are bounded as /classify's uploads are (GUARD_BODY_BUDGET_BYTES): with the
+    budget all but held by others, a request is refused as its body arrives, the connection closed; the bytes go
+    back when a request ends, so the next one is served."""
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    budget = runtime.body_budget
+    body = {"inputs": [tensor(to_model_input(batch[0][:1]))]}
+    before = budget.used
+    budget.used = budget.capacity - 100  # what stalled uploads would hold
+    try:
+        refused = client.post(INFER, json=body)
+        assert refused.status_code == 503 and refused.json()["code"] == "overloaded", refused.text
+        assert refused.headers["connection"] == "close"
+    finally:
+        budget.used = before
+    assert client.post(INFER, json=body).status_code == 200 and budget.used == before
