@@ -2,9 +2,11 @@
 
 The calibration split (5,000 images the classifier never trained on) is cut in four: the STRIP bank
 (shipped), the repair share (the repair stage fine-tunes on it and the bank), and two halves of the rest,
-which no model was fitted on. Every threshold is set at the target false-positive rate on clean images, by
-running the exported bundle through the service's own pipeline (service.guard); each signal fits its own
-(service.signals: `Signal.fit`) on both halves:
+which no model was trained on. Neural Cleanse is the exception: its reversed triggers, and the activation
+signal's neurons they pick, are optimised over the whole split, halves included (training.neural_cleanse; a
+defender's computation, no label of the attack). Every threshold is set at the target false-positive rate on
+clean images, by running the exported bundle through the service's own pipeline (service.guard); each signal fits
+its own (service.signals: `Signal.fit`) on both halves:
 - STRIP: a normal fitted to clean entropies, threshold at its `target_fpr` percentile (Gao et al.);
 - masked AE, activation, squeeze, repaired: the empirical (1 - target_fpr) quantile of clean scores;
 - de-trigger AE: Kwon's rule (label changes) has no threshold; its clean flag rate is recorded;
@@ -94,7 +96,8 @@ def min_calibration_images(config: CalibrationConfig) -> int:
 
 
 def split_calibration(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices of (bank, half A, half B) within the calibration split; no model is fitted on either half."""
+    """Indices of (bank, half A, half B) within the calibration split; no model is trained on either half (Neural
+    Cleanse's optimisation sees them: module doc)."""
     bank, _, rest = _order(n, config)
     half = len(rest) // 2
     return bank, rest[:half], rest[half:]

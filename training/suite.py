@@ -4,7 +4,8 @@ Every entry is a classifier trained by the same loop (training.classifier) on da
 training.attacks, guarded by the same recipe as the shipped bundle: the autoencoders (which depend only on the
 data) are the shipped ones; Neural Cleanse, the repair and the calibration are rebuilt per model. What takes
 minutes (training, Neural Cleanse, repair) is cached under build/eval/NAME/work, keyed by the configs that
-decide it; export, calibration and metrics always run with the current code.
+decide it. Export and calibration run again whenever the bundle there was not made from the current config,
+signals, autoencoders and work checkpoints (`_current`); the measurements always run with the current code.
 
 `kwon` is the shipped bundle itself (models/), not a copy.
 """
@@ -26,7 +27,7 @@ from service.bundle import Bundle, build_pipeline, sha256_file
 from service.decode import decode
 from service.preprocess import Preprocessing, to_model_input
 from training.attacks import PRESETS, AttackConfig, attack_labels, triggered_pixels, victims
-from training.calibration import collect
+from training.calibration import CalibrationConfig, collect
 from training.classifier import ClassifierConfig
 from training.common import to_jsonable
 from training.data import DataConfig
@@ -85,6 +86,10 @@ CACHED = {
 }
 
 
+# The repair fine-tunes on the calibration images repair_indices picks by these fields: another choice is another
+# model (and, cached, it would overlap the halves the thresholds are fitted on). In its key only away from the values
+# they had when the key was first kept, so that the models cached before stay valid (as ADDED_LATER below).
+REPAIR_SHARE = {"bank_size": 256, "repair_share": 0.3, "seed": 0}
 DATA_KEY_FIELDS = ("dataset", "data_dir", "calibration_size", "seed")  # DataConfig's fields when keys were first kept
 # Config fields added after the cache keys were first kept, with the value that does what the config did before
 # the field existed: at that value a field is left out of keys and comparisons, so that models cached before it
@@ -108,7 +113,14 @@ def stage_key(config: BuildConfig, stage: str) -> str:
     )
     for part in ADDED_LATER.keys() & parts.keys():
         parts[part] = config_key(part, parts[part])
+    if stage == "repair" and (share := repair_share(config.calibration)) != REPAIR_SHARE:
+        parts["repair_share"] = share
     return json.dumps(parts, sort_keys=True)
+
+
+def repair_share(calibration: CalibrationConfig) -> dict[str, Any]:
+    """What picks the calibration images the repair fine-tunes on (training.calibration.repair_indices)."""
+    return {k: getattr(calibration, k) for k in REPAIR_SHARE}
 
 
 def config_key(part: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +153,8 @@ def train(name: str, root: Path = EVAL_ROOT, data: DataConfig | None = None, sta
 
 def _current(builder: Builder, shipped: Path) -> bool:
     """Whether a suite bundle was exported and calibrated from the shipped autoencoders, this config and the
-    derived models (repaired, expert) that the work folder now holds."""
+    checkpoints (the classifier, Neural Cleanse's result, the repaired model and the expert) that the work folder
+    now holds."""
     out, config = builder.out, builder.config
     path = out / "manifest.json"
     if not path.is_file():
@@ -158,8 +171,18 @@ def _current(builder: Builder, shipped: Path) -> bool:
         for part in ("classifier", "repair", "expert", "calibration")
     )
     same_models = all((name in m["files"]) == builder.derived_path(name).is_file() for name in DERIVED_MODELS)
+    # the very checkpoints the work folder holds now: a stage retrained since the export (its cache key changed:
+    # the attack, the data, Neural Cleanse's config) leaves a bundle fitted to models no longer there
+    work = {"classifier": builder.classifier_path, "reversed_triggers": builder.work / "neural_cleanse.npz",
+            **{name: builder.derived_path(name) for name in DERIVED_MODELS}}  # fmt: skip
+    recorded = m.get("checkpoints", {})
+    same_checkpoints = all(
+        path.is_file() and sha256_file(path) == recorded.get(name, {}).get("sha256")
+        for name, path in work.items()
+        if name in recorded or path.is_file()
+    )
     same_input = Preprocessing(**m["preprocessing"]) == Preprocessing()
-    return same_models and same_aes and same_signals and same_config and same_input
+    return same_models and same_checkpoints and same_aes and same_signals and same_config and same_input
 
 
 def suite_bundle(name: str, shipped: Path, root: Path = EVAL_ROOT, data: DataConfig | None = None,

@@ -45,6 +45,20 @@ def test_cache_keys_follow_what_each_stage_depends_on() -> None:
     assert stage_key(other_nc, "repair") != stage_key(config, "repair")
 
 
+def test_the_repairs_key_follows_the_calibration_images_it_fine_tunes_on() -> None:
+    """The repair fine-tunes on the bank and the repair share (repair_indices): another seed, bank or share is
+    another model, which a cached one would stand in for while overlapping the halves the thresholds are fitted
+    on. At the values of the keys kept so far, the key is what it was (no cached repair goes stale)."""
+    config = config_of("wanet")
+    assert "repair_share" not in json.loads(stage_key(config, "repair"))
+    for change in ({"seed": 1}, {"bank_size": 128}, {"repair_share": 0.2}):
+        other = replace(config, calibration=replace(config.calibration, **change))
+        assert stage_key(other, "repair") != stage_key(config, "repair"), change
+        assert stage_key(other, "classifier") == stage_key(config, "classifier")
+    other_fpr = replace(config, calibration=replace(config.calibration, target_fpr=0.02))
+    assert stage_key(other_fpr, "repair") == stage_key(config, "repair")  # thresholds do not touch the repair
+
+
 def test_repair_fields_added_later_count_only_away_from_their_former_value() -> None:
     """A key kept before `distill`/`mixup`/`tune_layers` existed has no such fields: a config at their former values
     (what the repair did then, and today's default) makes that same key, so its cached repair stays valid; any
@@ -136,3 +150,34 @@ def test_choices_are_made_on_the_half_of_the_test_set_the_suite_does_not_report_
         selection(5001, 10000)
     assert which_test_images({"images": 5000, "first_image": SELECTION_START}).endswith("does not report on)")
     assert which_test_images({"images": 2000}) == "test images 0 to 1999"  # a report from before the split
+
+
+def test_a_suite_bundle_is_current_only_with_the_checkpoints_its_work_folder_holds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A stage retrained since the export (its cache key changed: the attack, the data, Neural Cleanse's config)
+    leaves a bundle calibrated on models no longer there: it is not current, and export and calibration run again.
+    Here the shipped bundle stands in for a suite bundle, its own checkpoints for the work folder's."""
+    import shutil
+    from pathlib import Path
+
+    from tests.conftest import MODELS
+    from training.classifier import ClassifierConfig
+    from training.pipeline import Builder
+    from training.suite import _current
+
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    shutil.copytree(MODELS, tmp_path / "bundle")
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, file in (
+        ("classifier", "classifier.pt"),
+        ("repaired_classifier", "repaired_classifier.pt"),
+        ("backdoor_expert", "backdoor_expert.pt"),
+        ("reversed_triggers", "neural_cleanse.npz"),
+    ):
+        shutil.copy(MODELS / manifest["checkpoints"][name]["path"], work / file)  # fmt: skip
+    config = replace(config_of("kwon"), classifier=ClassifierConfig(**manifest["configs"]["classifier"]))
+    builder = Builder(config, tmp_path / "bundle", work)
+    assert _current(builder, Path(MODELS))
+    with (work / "neural_cleanse.npz").open("ab") as f:  # Neural Cleanse ran again since the export
+        f.write(b"\0")
+    assert not _current(builder, Path(MODELS))
