@@ -10,7 +10,7 @@ export GUARD_HOST GUARD_PORT
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT = $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: serve test data data-mnist system-deps bundle smoke evaluate other-half cost repair-sweep bench soak lint clean docker-lock screenshots
+.PHONY: serve test data data-mnist system-deps bundle smoke evaluate other-half choices cost repair-sweep bench soak lint clean docker-lock screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ evaluate: $(VENV)/.dev-installed data data-mnist
 # evaluate's on 0-4999 (after make evaluate; 3 minutes warm)
 other-half: $(VENV)/.dev-installed data
 	$(BIN)/python -m training.other_half
+
+# reports/choices.md: the early design choices (fusion rule, the repaired signal's score, squeeze, the masked AE,
+# mahalanobis) made again on test images 5000-9999 (after make evaluate; 3 minutes warm)
+choices: $(VENV)/.dev-installed data
+	$(BIN)/python -m training.choices
 
 # reports/cost.md: fused detection of each candidate signal set and STRIP N on every suite attack (after evaluate).
 cost: $(VENV)/.dev-installed data
