@@ -21,7 +21,6 @@ writes reports/choices.json and reports/choices.md (after make evaluate, which b
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -32,13 +31,9 @@ import numpy as np
 
 from service.bundle import Bundle, build_pipeline
 from service.guard import GuardResult
-from service.preprocess import to_model_input
-from training.attacks import PRESETS, triggered_pixels, victims
-from training.calibration import CalibrationConfig, split_calibration
-from training.common import to_jsonable
-from training.cost import fused_rates
-from training.data import DataConfig, load_dataset
-from training.suite import EVAL_ROOT, SUITE, selection, suite_bundle
+from training.common import to_jsonable, write_report
+from training.cost import fused_rates, rates_cell, selection_sets
+from training.suite import SELECTION_START, which_test_images
 
 log = logging.getLogger(__name__)
 EXTRA = ("squeeze", "masked_ae")  # signals the default set left, weighed again here
@@ -67,27 +62,16 @@ def candidates(signals: list[str], rule: str) -> dict[str, tuple[list[str], str]
 
 
 def run(shipped: Path, n_images: int) -> dict[str, Any]:
-    ds = load_dataset(DataConfig())
-    x_cal = to_model_input(ds.calibration.images)
-    _, half_a, half_b = split_calibration(len(x_cal), CalibrationConfig())
-    part = selection(n_images, len(ds.test.labels))
-    pixels, labels = ds.test.images[part], ds.test.labels[part]
-    clean = to_model_input(pixels)
     attacks: dict[str, dict[str, dict[str, float]]] = {}
-    for name, entry in SUITE.items():
-        if name == "clean":
-            continue
-        bundle = Bundle.load(suite_bundle(name, shipped))
-        attack = PRESETS[entry.preset]
-        triggered = to_model_input(triggered_pixels(pixels[victims(labels, attack)], attack))
+    for sel in selection_sets(shipped, n_images):
         start = time.perf_counter()
-        sets = {"a": scores(bundle, x_cal[half_a]), "b": scores(bundle, x_cal[half_b]),
-                "clean": scores(bundle, clean), "triggered": scores(bundle, triggered)}  # fmt: skip
-        log.info("%s: scores in %.0f s", name, time.perf_counter() - start)
-        rule = bundle.manifest["thresholds"]["fused"].get("rule", "max")
-        fpr = float(bundle.manifest["thresholds"]["target_fpr"])
-        attacks[name] = {
-            c: fused_rates(sets, keep, r, fpr) for c, (keep, r) in candidates(bundle.signal_names, rule).items()
+        sets = {"a": scores(sel.bundle, sel.half_a), "b": scores(sel.bundle, sel.half_b),
+                "clean": scores(sel.bundle, sel.clean), "triggered": scores(sel.bundle, sel.triggered)}  # fmt: skip
+        log.info("%s: scores in %.0f s", sel.name, time.perf_counter() - start)
+        rule = sel.bundle.manifest["thresholds"]["fused"].get("rule", "max")
+        fpr = float(sel.bundle.manifest["thresholds"]["target_fpr"])
+        attacks[sel.name] = {
+            c: fused_rates(sets, keep, r, fpr) for c, (keep, r) in candidates(sel.bundle.signal_names, rule).items()
         }
     rows = {}
     for c in next(iter(attacks.values())):
@@ -97,28 +81,27 @@ def run(shipped: Path, n_images: int) -> dict[str, Any]:
             "worst_tpr_change": min(tpr.values()), "worst_tpr_attack": min(tpr, key=tpr.__getitem__),
             "best_tpr_change": max(tpr.values()), "worst_fpr_change": max(fpr_change.values()),
         }  # fmt: skip
-    return {"images": n_images, "first_image": part.start, "attacks": attacks, "candidates": rows}
+    return {"images": n_images, "first_image": SELECTION_START, "attacks": attacks, "candidates": rows}
 
 
 def render(r: dict[str, Any]) -> str:
     names = list(r["attacks"])
+    head = f"| candidate | {' | '.join(names)} | worst TPR change | best TPR change | worst FPR change |"
     lines = [
         "# Early design choices, made again on the selection half",
         "",
-        f"Made by `{r['command']}` in {r['seconds'] / 60:.1f} min: each candidate fused as `make cost` fuses "
-        f"(tables from calibration half A, threshold from half B, one rule for every attack), measured on test "
-        f"images {r['first_image']} to {r['first_image'] + r['images'] - 1}, the half the suite does not report on. "
-        "Each cell: fused TPR / FPR (%).",
+        f"Made by `{r['command']}` in {r['seconds'] / 60:.1f} min, on {which_test_images(r)}: each candidate "
+        "fused as `make cost` fuses (tables from calibration half A, threshold from half B, one rule for every "
+        "attack). Each cell: fused TPR / FPR (%); the changes are against the default, in points.",
         "",
-        "| candidate | " + " | ".join(names) + " | worst TPR change (points) | best TPR change | worst FPR change |",
+        head,
         "|---" * (len(names) + 4) + "|",
     ]
     for c, row in r["candidates"].items():
-        cells = [f"{100 * r['attacks'][a][c]['tpr']:.2f} / {100 * r['attacks'][a][c]['fpr']:.2f}" for a in names]
-        lines.append(
-            f"| {c} | " + " | ".join(cells) + f" | {100 * row['worst_tpr_change']:+.2f} ({row['worst_tpr_attack']}) | "
-            f"{100 * row['best_tpr_change']:+.2f} | {100 * row['worst_fpr_change']:+.2f} |"
-        )
+        cells = " | ".join(rates_cell(r["attacks"][a][c]) for a in names)
+        worst = f"{100 * row['worst_tpr_change']:+.2f} ({row['worst_tpr_attack']})"
+        lines.append(f"| {c} | {cells} | {worst} | {100 * row['best_tpr_change']:+.2f} | "
+                     f"{100 * row['worst_fpr_change']:+.2f} |")  # fmt: skip
     return "\n".join([*lines, ""])
 
 
@@ -131,12 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
     report = run(args.models, args.images)
-    report["command"] = " ".join(["python -m training.choices", *(sys.argv[1:] if argv is None else argv)])
-    report["cache"] = str(EVAL_ROOT)
-    report["seconds"] = time.perf_counter() - start
-    (args.out / "choices.json").write_text(json.dumps(to_jsonable(report), indent=2) + "\n")
-    (args.out / "choices.md").write_text(render(report))
-    sys.stdout.write(render(report))
+    command = " ".join(["python -m training.choices", *(sys.argv[1:] if argv is None else argv)])
+    write_report(to_jsonable(report), command, start, args.out, "choices", render)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,12 @@ import numpy as np
 
 from service.bundle import Bundle, build_pipeline
 from service.preprocess import to_model_input
-from training.attacks import PRESETS, attack_labels, triggered_pixels, victims
+from training.attacks import PRESETS, AttackConfig, attack_labels, triggered_pixels, victims
 from training.calibration import CalibrationConfig, collect, fit_fusion, split_calibration
 from training.common import write_report
 from training.data import DataConfig, load_dataset
 from training.metrics import rate
-from training.suite import SUITE, selection, suite_bundle, which_test_images
+from training.suite import SELECTION_START, SUITE, selection, suite_bundle, which_test_images
 
 log = logging.getLogger(__name__)
 STRIP_NS = (32, 16, 8, 4)
@@ -128,17 +130,31 @@ def candidates(signals: list[str], passes: dict[str, int]) -> dict[str, tuple[in
     return out
 
 
-def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SelectionSet:
+    """One suite attack's images for weighing choices: the calibration halves (where calibration fits the fusion)
+    and the selection half of the test set, clean and triggered (victims only; `idx` into `labels`)."""
+
+    name: str
+    bundle: Bundle
+    attack: AttackConfig
+    half_a: np.ndarray
+    half_b: np.ndarray
+    clean: np.ndarray
+    labels: np.ndarray
+    idx: np.ndarray
+    triggered: np.ndarray
+
+
+def selection_sets(shipped: Path, n_images: int) -> Iterator[SelectionSet]:
+    """Every attack of the suite (not the clean model) on the first n_images of the selection half (not the images
+    make evaluate reports on), with its cached bundle."""
     ds = load_dataset(DataConfig())
     x_cal = to_model_input(ds.calibration.images)
     _, half_a, half_b = split_calibration(len(x_cal), CalibrationConfig())
-    part = selection(n_images, len(ds.test.labels))  # not the images make evaluate reports on
+    part = selection(n_images, len(ds.test.labels))
     pixels, labels = ds.test.images[part], ds.test.labels[part]
     clean = to_model_input(pixels)
-    attacks: dict[str, dict[str, dict[str, float]]] = {}
-    configs: dict[str, tuple[int, list[str], int]] = {}
-    kept: dict[str, np.ndarray] = {}
-    sources: dict[str, dict[str, dict[str, float]]] = {}
     for name, entry in SUITE.items():
         if name == "clean":
             continue
@@ -146,6 +162,18 @@ def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = N
         attack = PRESETS[entry.preset]
         idx = victims(labels, attack)
         triggered = to_model_input(triggered_pixels(pixels[idx], attack))
+        yield SelectionSet(name, bundle, attack, x_cal[half_a], x_cal[half_b], clean, labels, idx, triggered)
+
+
+def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = None) -> dict[str, Any]:
+    attacks: dict[str, dict[str, dict[str, float]]] = {}
+    configs: dict[str, tuple[int, list[str], int]] = {}
+    kept: dict[str, np.ndarray] = {}
+    sources: dict[str, dict[str, dict[str, float]]] = {}
+    for sel in selection_sets(shipped, n_images):
+        name, bundle, attack, clean, labels, idx, triggered = (
+            sel.name, sel.bundle, sel.attack, sel.clean, sel.labels, sel.idx, sel.triggered
+        )  # fmt: skip
         signals = full_set(bundle)
         configs = configs or candidates(signals, signal_passes(bundle, signals))
         rule = bundle.manifest["thresholds"]["fused"].get("rule", "max")
@@ -154,7 +182,7 @@ def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = N
         for n in sorted({c[0] for c in configs.values()}):
             start = time.perf_counter()
             by_n[n] = {
-                "a": raw_scores(bundle, x_cal[half_a], n), "b": raw_scores(bundle, x_cal[half_b], n),
+                "a": raw_scores(bundle, sel.half_a, n), "b": raw_scores(bundle, sel.half_b, n),
                 "clean": raw_scores(bundle, clean, n), "triggered": raw_scores(bundle, triggered, n),
             }  # fmt: skip
             log.info("%s: scores at N = %d in %.0f s", name, n, time.perf_counter() - start)
@@ -176,9 +204,14 @@ def run(shipped: Path, n_images: int, slack: float, scores_path: Path | None = N
         }  # fmt: skip
     chosen = min((c for c in rows if rows[c]["qualifies"]), key=lambda c: (rows[c]["passes_per_image"], c))
     return {
-        "full": full, "chosen": chosen, "slack": slack, "images": n_images, "first_image": part.start, "configs": rows,
-        "attacks": attacks, "label_sources": sources, "label_source_chosen": best_source(sources),
+        "full": full, "chosen": chosen, "slack": slack, "images": n_images, "first_image": SELECTION_START,
+        "configs": rows, "attacks": attacks, "label_sources": sources, "label_source_chosen": best_source(sources),
     }  # fmt: skip
+
+
+def rates_cell(rates: dict[str, float]) -> str:
+    """A table cell: fused TPR / FPR in percent."""
+    return f"{100 * rates['tpr']:.2f} / {100 * rates['fpr']:.2f}"
 
 
 def render(r: dict[str, Any]) -> str:
@@ -198,9 +231,7 @@ def render(r: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(names) + "---|---|---|",
     ]
     for config, row in r["configs"].items():
-        cells = " | ".join(
-            f"{100 * r['attacks'][a][config]['tpr']:.2f} / {100 * r['attacks'][a][config]['fpr']:.2f}" for a in names
-        )
+        cells = " | ".join(rates_cell(r["attacks"][a][config]) for a in names)
         lines.append(
             f"| {config} | {row['passes_per_image']} | {cells} | {100 * row['worst_tpr_change']:+.2f} | "
             f"{100 * row['worst_fpr_change']:+.2f} | {'yes' if row['qualifies'] else 'no'} |"

@@ -24,7 +24,7 @@ from typing import Any
 
 from service.preprocess import to_model_input
 from training.calibration import CalibrationConfig, split_calibration
-from training.common import to_jsonable
+from training.common import to_jsonable, write_report
 from training.data import DataConfig, load_dataset
 from training.suite import EVAL_ROOT, run_suite, selection
 
@@ -115,16 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     other = run_suite(args.models, ds.test.images[part], ds.test.labels[part], args.sent_images, x_cal[half_b],
                       args.cache)  # fmt: skip
     report = {
-        "command": " ".join(["python -m training.other_half", *(sys.argv[1:] if argv is None else argv)]),
         "first_image": part.start,
         "images": args.images,
         "suite": other,
         "compare": compare(json.loads(reported_path.read_text()), other),
     }
-    report["seconds"] = time.perf_counter() - start
-    (args.out / "other_half.json").write_text(json.dumps(to_jsonable(report), indent=2) + "\n")
-    (args.out / "other_half.md").write_text(render(report))
-    sys.stdout.write(render(report))
+    command = " ".join(["python -m training.other_half", *(sys.argv[1:] if argv is None else argv)])
+    write_report(to_jsonable(report), command, start, args.out, "other_half", render)
 
 
 if __name__ == "__main__":
