@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     )
     body_timeout_s: float = Field(60.0, gt=0, le=3600, description="seconds a client has to send a whole upload")
     body_budget_bytes: int = Field(
-        0, ge=0, description="bytes of /classify uploads held at once across all requests; past them a request gets "
-        "503 (0: twice the largest valid request)",
+        0, ge=0, description="bytes of /classify uploads and /infer bodies held at once across all requests; past "
+        "them a request gets 503 (0: twice the largest valid /classify request)",
     )  # fmt: skip
     shutdown_timeout_s: float = Field(
         8.0, ge=0, le=3600, description="on SIGTERM, seconds in-flight requests get to finish before they are cut"

@@ -76,10 +76,15 @@ class CalibrationConfig:
             raise ValueError(f"calibration repair_share {self.repair_share!r} must lie in [0, 1)")
 
 
+def _leaves_halves(n: int, config: CalibrationConfig) -> bool:
+    """Whether n calibration images leave images for the two halves once the bank and the repair share are out."""
+    return config.bank_size + int(config.repair_share * n) < n - 2
+
+
 def _order(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(bank, repair share, rest) of a seeded permutation of range(n)."""
     n_repair = int(config.repair_share * n)
-    if config.bank_size + n_repair >= n - 2:
+    if not _leaves_halves(n, config):
         raise ValueError(f"bank_size {config.bank_size} and repair_share {config.repair_share} leave no "
                          f"calibration images out of {n}")  # fmt: skip
     order = np.random.default_rng(config.seed).permutation(n)
@@ -90,7 +95,7 @@ def _order(n: int, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray, n
 def min_calibration_images(config: CalibrationConfig) -> int:
     """The fewest calibration images `_order` accepts under `config` (the bank, the repair share, two halves)."""
     n = config.bank_size + 3
-    while config.bank_size + int(config.repair_share * n) >= n - 2:
+    while not _leaves_halves(n, config):
         n += 1
     return n
 

@@ -243,19 +243,19 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def _skipped_files(tops: dict[str, Path]) -> Counter[str]:
-    """Files in the class folders that are not read (not an accepted image format), by suffix; hidden ones aside."""
-    return Counter(
-        p.suffix.lower() or "(no suffix)"
-        for top in tops.values()
-        for c in _class_folders(top)
-        for p in c.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES
-    )
+def _class_files(folder: Path) -> tuple[list[Path], Counter[str]]:
+    """One walk below a class folder: its images (sorted), and the other files there by suffix, which are not read
+    (hidden ones aside)."""
+    images: list[Path] = []
+    other: Counter[str] = Counter()
+    for p in folder.rglob("*"):
+        if not p.is_file():
+            continue
+        if (suffix := p.suffix.lower()) in IMAGE_SUFFIXES:
+            images.append(p)
+        elif not p.name.startswith("."):
+            other[suffix or "(no suffix)"] += 1
+    return sorted(images), other
 
 
 def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
@@ -272,13 +272,15 @@ def _load_image_folder(root: Path, config: DataConfig) -> Dataset:
     names = sorted({c.name for top in tops.values() for c in _class_folders(top)})
     if not names:
         raise ValueError(f"{root}: no class folders (expected root/CLASS/*.png or root/train/CLASS/*.png)")
+    listed = {split: [(c.name, *_class_files(c)) for c in _class_folders(top)] for split, top in tops.items()}
     files: dict[str, list[tuple[Path, int]]] = {
-        split: [(f, names.index(c.name)) for c in _class_folders(top) for f in _image_files(c)]
-        for split, top in tops.items()
+        split: [(f, names.index(name)) for name, images, _ in classes for f in images]
+        for split, classes in listed.items()
     }
     if not any(files.values()):
         raise ValueError(f"{root}: no images with suffixes {IMAGE_SUFFIXES} in the class folders")
-    if skipped := _skipped_files(tops):  # e.g. TIFF, which the service refuses too: said, not silently dropped
+    skipped = sum((other for classes in listed.values() for _, _, other in classes), Counter[str]())
+    if skipped:  # e.g. TIFF, which the service refuses too: said, not silently dropped
         log.warning("%s: %d files in the class folders are not read (%s); only %s images are: convert them to use "
                     "them", root, sum(skipped.values()), ", ".join(f"{n} {k}" for k, n in skipped.most_common()),
                     ", ".join(IMAGE_SUFFIXES))  # fmt: skip

@@ -331,16 +331,14 @@ class Builder:
         would give a bundle that guards nothing; refused here with the likely causes, not found stages later."""
         model = self.load_classifier(self.user_classifier)  # type: ignore[arg-type]  # checked by the caller
         labels = self.dataset.calibration.labels
-        with torch.no_grad():
-            chunks = [model(torch.from_numpy(self.x_cal[i : i + 512]))[0] for i in range(0, len(labels), 512)]
-        logits = torch.cat(chunks)
+        logits, _ = predict(model, self.x_cal)
         classes = self.num_classes
         if logits.shape[1] != classes:
             raise ValueError(
                 f"{self.user_classifier} gives {logits.shape[1]} outputs; the data has {classes} classes "
                 f"({', '.join(self.dataset.class_names)}): one output per class, in the classes' order"
             )
-        accuracy = float((logits.argmax(1).numpy() == labels).mean())
+        accuracy = float((logits.argmax(1) == labels).mean())
         chance = 1 / classes
         floor = chance + MIN_GAIN_OVER_CHANCE * (1 - chance)
         if not accuracy >= floor:
